@@ -99,12 +99,14 @@ class ZeroRefLoRA(LoraStepper):
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
 
         params = [q for pair in self.pairs for q in (pair.A, pair.B)]
+        # Factors below stage3_param_persistence_threshold stay gathered; passing
+        # them in would re-partition them on exit and cost a gather next forward.
         missing = [q for q in params if q.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         # Every rank receives the (world-1)/world of each factor it does not hold.
         world = dist.get_world_size()
         self.last_comm_bytes = sum(q.ds_numel * q.element_size() for q in missing) * (world - 1) // world
         self.comm_bytes += self.last_comm_bytes
-        with GatheredParameters(params, modifier_rank=None), torch.no_grad():
+        with GatheredParameters(missing, modifier_rank=None), torch.no_grad():
             yield [(pair.A.detach(), pair.B.detach()) for pair in self.pairs]
 
     def _sq_norms(self) -> tuple[Tensor, Tensor]:
@@ -116,7 +118,7 @@ class ZeroRefLoRA(LoraStepper):
 
     @torch.no_grad()
     def _scale_param(self, param, weight: float, exp_avg: float, exp_avg_sq: float) -> None:
-        have_moments = self.engine.global_steps > 0  # no Adam state before the first step
+        have_moments = _has_moments(_client_optimizer(self.engine))  # none before the first step
         if self.stage == 3:
             from deepspeed.utils import (
                 safe_get_local_fp32_param,
@@ -152,6 +154,11 @@ class ZeroRefLoRA(LoraStepper):
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value.float())
+
+
+def _has_moments(opt: torch.optim.Optimizer) -> bool:
+    # Not len(opt.state): a failed lookup leaves an empty entry behind.
+    return any("exp_avg" in state for state in opt.state.values())
 
 
 def _is_partitioned(param) -> bool:
@@ -196,6 +203,12 @@ def _local_views(engine, param) -> dict[str, Tensor | None]:
         mapping = param._hp_mapping
         if mapping is None:
             return views
+        if not mapping.optim_fragment and _has_moments(_client_optimizer(engine)):
+            # Loading a checkpoint re-creates the mappings but leaves DeepSpeed's
+            # "moments linked" flag set, so the moment views would never come back.
+            engine.optimizer._hp_optimizer_states_linked = False
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
+            mapping = param._hp_mapping
         views["master"] = mapping.get_hp_fragment()
         if mapping.optim_fragment:  # empty until the first optimizer step
             for key in MOMENTS:
