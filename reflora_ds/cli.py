@@ -15,7 +15,10 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root():
+def _root(
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                   help="Set by the deepspeed launcher; ranks come from its environment."),
+):
     """RefLoRA fine-tuning for PEFT models under DeepSpeed ZeRO 0-3."""
 
 
@@ -40,8 +43,330 @@ def toy(out: Path = typer.Option(Path("out/toy"), "--out", help="Folder for toy.
     typer.echo(f"wrote {out / 'toy.json'} and {out / 'toy.png'}")
 
 
+# --- train / preprocess ----------------------------------------------------------------
+
+CONFIG_EXIT_CODE = 2  # a configuration or data error: nothing was trained or written
+
+
+def _fail(err: Exception) -> None:
+    """One line on stderr (rank 0 only under a launcher), no traceback, exit 2."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(CONFIG_EXIT_CODE)
+
+
+def _load(config: Path | None, flags: dict, sets: list[str]):
+    """The run configuration: the file (or the embedded default run), --set values, then flags."""
+    from .config import DEFAULT_RUN, load_config, parse_overrides
+
+    overrides = parse_overrides(sets or [])  # key=null really sets null
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    if isinstance(overrides.get("resume_from_checkpoint"), str) and \
+            overrides["resume_from_checkpoint"].lower() in ("null", "none"):
+        overrides["resume_from_checkpoint"] = None  # the flag's spelling of "start fresh"
+    return load_config(config if config is not None else DEFAULT_RUN, overrides, skip_none=False)
+
+
+_CONFIG_ARG = typer.Argument(None, metavar="[CONFIG.yaml]", show_default=False,
+                             help="Run configuration (YAML). Without one: the embedded default run.")
+_SET = typer.Option(None, "--set", metavar="KEY=VALUE",
+                    help="Set any configuration key (value read as YAML); repeatable.")
+
+
+@app.command()
+def train(
+    config: Path = _CONFIG_ARG,
+    base_model: str = typer.Option(None, help="HF model directory or hub id (default: SmolLM2-135M-Instruct)."),
+    data_path: str = typer.Option(None, help="Training data: LLM-Adapters/Alpaca JSON(L) or a datasets folder."),
+    eval_data_path: str = typer.Option(None, help="Evaluation data (else val_set_size rows are held out)."),
+    output_dir: str = typer.Option(None, help="Where checkpoints, metrics and the adapter go."),
+    optimizer: str = typer.Option(None, help="reflora, reflora_s, refactor, lora, loraplus or scaledgd."),
+    deepspeed: str = typer.Option(None, help="A preset (zero0 .. zero3, zero2_offload, zero3_offload) or a JSON file."),
+    lora_r: int = typer.Option(None, help="LoRA rank."),
+    lora_alpha: int = typer.Option(None, help="LoRA alpha (scale = alpha / r)."),
+    learning_rate: float = typer.Option(None, help="Peak learning rate."),
+    micro_batch_size: int = typer.Option(None, help="Samples per forward, per rank."),
+    gradient_accumulation_steps: int = typer.Option(None, help="Micro-batches per optimizer step."),
+    max_steps: int = typer.Option(None, help="Optimizer steps (-1: run num_epochs)."),
+    num_epochs: float = typer.Option(None, help="Epochs, when max_steps is -1."),
+    cutoff_len: int = typer.Option(None, help="Maximum tokens per sample."),
+    refactor_warmup: int = typer.Option(None, help="Optimizer steps before the first refactor."),
+    load_in_4bit: bool = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help="Quantize the base (QLoRA)."),
+    torch_dtype: str = typer.Option(None, help="float32 or bfloat16."),
+    seed: int = typer.Option(None, help="Seed for initialisation, data order and dropout."),
+    resume_from_checkpoint: str = typer.Option(None, help="auto (newest in output_dir), a checkpoint path, or null."),
+    sets: list[str] = _SET,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration (YAML) and exit."),
+):
+    """Fine-tune a base model with LoRA and RefLoRA on the DeepSpeed engine.
+
+    Resumes from the newest complete checkpoint in output_dir by default. Exit
+    status: 0 done, 2 configuration or data error, 143 stopped by SIGTERM after
+    saving a checkpoint (run the same command again to resume).
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "dry_run")}
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        cfg = _load(config, flags, sets)
+    except ConfigError as err:
+        _fail(err)
+    if dry_run:
+        import yaml
+
+        typer.echo(yaml.safe_dump(cfg.resolved().model_dump(mode="json"), sort_keys=False), nl=False)
+        return
+
+    from .checkpoint import PREEMPTED_EXIT_CODE
+    from .train import train as run_training
+
+    try:
+        summary = run_training(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        _fail(err)
+    if summary["status"] == "preempted":
+        raise typer.Exit(PREEMPTED_EXIT_CODE)
+
+
+@app.command()
+def preprocess(
+    config: Path = _CONFIG_ARG,
+    base_model: str = typer.Option(None, help="Model whose tokenizer to use (default: SmolLM2-135M-Instruct)."),
+    data_path: str = typer.Option(None, help="Training data to tokenize."),
+    eval_data_path: str = typer.Option(None, help="Evaluation data to tokenize."),
+    cutoff_len: int = typer.Option(None, help="Maximum tokens per sample."),
+    sets: list[str] = _SET,
+    show: int = typer.Option(0, help="Index of the training sample to print."),
+):
+    """Tokenize the data once into the cache (so ranks never wait on tokenization) and show a sample.
+
+    Prompt tokens, which the loss skips, are printed inside ⟦ ⟧.
+    """
+    from .config import ConfigError
+    from .data import DataError, render_sample
+    from .models import load_tokenizer, resolve_base
+    from .train import quiet_libraries, tokenize_datasets
+
+    quiet_libraries()
+    flags = dict(base_model=base_model, data_path=data_path, eval_data_path=eval_data_path, cutoff_len=cutoff_len)
+    try:
+        cfg = _load(config, flags, sets)
+        tokenizer = load_tokenizer(resolve_base(cfg), trust_remote_code=cfg.trust_remote_code)
+        train_set, eval_set, stats = tokenize_datasets(cfg, tokenizer)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        _fail(err)
+    s = stats["train"]
+    typer.echo(f"cache: {stats['cache']}")
+    typer.echo(f"train: {len(train_set)} samples from {s['source']} ({s['truncated']} truncated to {cfg.cutoff_len} "
+               f"tokens, {s['dropped_no_target']} without target dropped, {s['skipped_malformed']} malformed skipped)")
+    if eval_set is not None:
+        typer.echo(f"eval: {len(eval_set)} samples")
+    if not 0 <= show < len(train_set):
+        _fail(ValueError(f"--show {show} is outside 0..{len(train_set) - 1}"))
+    typer.echo(f"\nsample {show}: " + render_sample(train_set[show], tokenizer))
+
+
+# --- eval / export / merge ----------------------------------------------------------------
+
+
+def _model_settings(config: Path | None, near: Path | None, base_model: str | None, *, required: bool = False):
+    """Base and LoRA settings: --config, else the run's found near an adapter or checkpoint; --base-model last."""
+    from .config import ConfigError, RunConfig, build_config, load_config
+    from .export import MODEL_KEYS, base_of_adapter
+
+    if config is not None:
+        cfg = load_config(config)
+        cfg = RunConfig(**{k: v for k, v in cfg.model_dump().items() if k in MODEL_KEYS})
+    else:
+        cfg = base_of_adapter(near) if near is not None else None
+        if cfg is None and required:
+            raise ConfigError(f"{near}: no config.yaml of the run found in or above it; pass --config")
+        cfg = cfg or RunConfig()
+    if base_model is not None:
+        cfg = build_config({**cfg.model_dump(), "base_model": base_model, "gguf_file": None}, "--base-model")
+    return cfg
+
+
+def _init_distributed_from_launcher() -> None:
+    """Join the process group a launcher (deepspeed, torchrun) describes in the environment."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar per (set, stage), and the progress(stage, done, total) callback evaluate feeds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   transient=True, disable=not enabled)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+
+    return bar, update
+
+
+@app.command("eval")
+def eval_command(
+    base_model: str = typer.Option(None, help="HF model directory, hub id or merged model "
+                                              "(default: the adapter's base, else SmolLM2-135M-Instruct)."),
+    adapter: Path = typer.Option(None, help="PEFT adapter folder to load onto the base."),
+    data: list[Path] = typer.Option(None, "--data", help="LLM-Adapters/Alpaca JSON(L) set; repeatable "
+                                                         "(default: the embedded ARC-Easy test set)."),
+    mode: str = typer.Option("generate", help="generate (greedy, then parse the label), likelihood "
+                                              "(best-scoring label), or both."),
+    limit: int = typer.Option(None, help="Only the first N rows of each set."),
+    batch_size: int = typer.Option(8, help="Prompts per generate call; sequences per forward in likelihood mode."),
+    max_new_tokens: int = typer.Option(32, help="Tokens generated per prompt."),
+    loss: bool = typer.Option(True, "--loss/--no-loss", help="Also report response-token loss and perplexity."),
+    cutoff_len: int = typer.Option(256, help="Maximum tokens per sample for the loss."),
+    config: Path = typer.Option(None, help="Run configuration (YAML) whose base-model settings to use "
+                                           "(e.g. load_in_4bit)."),
+    out: Path = typer.Option(Path("eval_results.json"), help="JSON report with every row's prediction."),
+):
+    """Accuracy (and loss/perplexity) of a base model, optionally with an adapter, on multiple-choice sets.
+
+    Labels answerN, true/false, optionN, solutionN and ending N are read from
+    each row's `answer`; the allowed labels from its "Answer format:" line. Under
+    a launcher (deepspeed --num_gpus N, torchrun) the rows are split across ranks
+    and rank 0 reports.
+    """
+    import json
+    import time
+
+    import torch
+    from rich.console import Console
+
+    from .config import ConfigError
+    from .data import EMBEDDED_TEST, DataError
+    from .evaluate import MODES, EvalError, evaluate, rank_and_world, results_json, results_table
+    from .models import load_base_model, resolve_base
+
+    modes = list(MODES) if mode == "both" else [mode]
+    if any(m not in MODES for m in modes):
+        _fail(ValueError(f"--mode {mode}: choose generate, likelihood or both"))
+    _init_distributed_from_launcher()
+    rank, world = rank_and_world()
+    started = time.perf_counter()
+    try:
+        cfg = _model_settings(config, adapter, base_model)
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_base_model(cfg, device=device)
+        if not cfg.load_in_4bit and not cfg.load_in_8bit:
+            model = model.to(device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        bar, progress = _progress_bar(enabled=rank == 0)
+        with bar:
+            results = [evaluate(model, tokenizer, path, modes=modes, loss=loss, limit=limit, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, cutoff_len=cutoff_len, progress=progress)
+                       for path in (data or [EMBEDDED_TEST])]
+    except (ConfigError, DataError, EvalError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    if rank != 0:
+        return
+    source = resolve_base(cfg)
+    title = f"{Path(source).name}" + (f" + {adapter}" if adapter else "")
+    Console().print(results_table(results, title=title))
+    meta = {"base_model": source, "adapter": str(adapter) if adapter else None, "modes": modes, "limit": limit,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "world_size": world,
+            "load_in_4bit": cfg.load_in_4bit, "seconds": round(time.perf_counter() - started, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results_json(results, meta), indent=2))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A training output_dir, its checkpoints/ folder, or one checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Folder for adapter_model.safetensors and adapter_config.json."),
+    config: Path = typer.Option(None, help="The run's configuration (default: config.yaml of the output_dir)."),
+    tag: str = typer.Option(None, help="Checkpoint tag inside SOURCE (default: the newest complete one)."),
+):
+    """A PEFT adapter from a DeepSpeed checkpoint (any ZeRO stage), in fp32.
+
+    Loads with peft.PeftModel.from_pretrained(base, OUT). The run's config
+    names the base and the LoRA settings that fix the adapter's layout.
+    """
+    from .config import ConfigError
+    from .export import ExportError, export_from_checkpoint, find_checkpoint, load_adapter_weights
+
+    try:
+        cfg = _model_settings(config, source, None, required=True)
+        save_dir, found = (source, tag) if tag else find_checkpoint(source)
+        export_from_checkpoint(save_dir, out, cfg, tag=found)
+    except (ConfigError, ExportError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    tensors = load_adapter_weights(out)
+    typer.echo(f"checkpoint {save_dir / found} -> {out} ({len(tensors)} tensors, "
+               f"{sum(t.numel() for t in tensors.values()):,} parameters)")
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., help="PEFT adapter folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged model (safetensors, config, tokenizer)."),
+    base_model: str = typer.Option(None, help="Base model (default: the one the adapter's run used)."),
+    config: Path = typer.Option(None, help="Run configuration (YAML) for the base settings, e.g. load_in_4bit."),
+    max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
+    dtype: str = typer.Option("auto", help="Saved dtype: auto (the base's), float32, bfloat16 or float16."),
+):
+    """Merge an adapter into its base and save a model that transformers loads without PEFT.
+
+    A 4-bit base is dequantized exactly and the adapter merged into that
+    full-precision copy (the output's README and reflora_merge.json say so).
+    """
+    from .config import ConfigError
+    from .export import ExportError
+    from .export import merge as merge_adapter
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail(ValueError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16"))
+    try:
+        base = _model_settings(config, adapter, base_model)
+        note = merge_adapter(base, adapter, out, max_shard_size=max_shard_size,
+                             dtype=None if dtype == "auto" else dtype)
+    except (ConfigError, ExportError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    typer.echo(f"merged {note['base']} + {adapter} -> {out} ({note['dtype']})")
+    if note.get("dequantized_from_4bit"):
+        typer.echo(f"note: {note['note']}")
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="overhead, convergence, memory, zero, peer or gpu."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny random model, few steps: a smoke test of under a minute."),
+    out: Path = typer.Option(Path("bench_results"), "--out", help="Folder for SUITE.json and SUITE.png."),
+):
+    """Run a benchmark suite (see BENCHMARKS.md): it prints its table and writes JSON and a plot into --out."""
+    from .bench import SUITES, run_suite
+
+    if suite not in SUITES:
+        _fail(ValueError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)}"))
+    run_suite(suite, out, quick)
+    typer.echo(f"wrote {out / (suite + '.json')}")
+
+
 def main():  # pragma: no cover
-    app()
+    app(prog_name="reflora-ds")
 
 
 if __name__ == "__main__":  # pragma: no cover

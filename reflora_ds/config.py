@@ -22,6 +22,8 @@ RESOURCES = Path(__file__).resolve().parent / "resources"
 DS_PRESET_DIR = RESOURCES / "ds_configs"
 DS_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# What `reflora-ds train` runs when given no configuration file.
+DEFAULT_RUN = RESOURCES / "default_run.yaml"
 
 # Short spellings accepted for dtypes; the resolved config always holds the long one.
 _DTYPE_ALIASES = {
@@ -54,7 +56,12 @@ def _normalise_dtype(value: Any) -> Any:
 
 
 class RunConfig(BaseModel):
-    """Everything one fine-tuning run needs; `None` paths mean the embedded defaults."""
+    """Everything one fine-tuning run needs; `None` paths mean the embedded defaults.
+
+    The defaults follow the commonsense-reasoning recipe of the RefLoRA and
+    LLM-Adapters papers (r=32, alpha=64, q/k/v/up/down, lr 2e-4, batch 16,
+    2 epochs, cutoff 256, 100 warmup steps, refactor warmup 100).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -73,8 +80,8 @@ class RunConfig(BaseModel):
     cutoff_len: int = Field(256, ge=8)
 
     # --- adapter ----------------------------------------------------------
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, gt=0)
+    lora_r: int = Field(32, ge=1)
+    lora_alpha: int = Field(64, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES)
@@ -99,7 +106,7 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
     micro_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     num_epochs: float = Field(2, gt=0)
@@ -114,17 +121,19 @@ class RunConfig(BaseModel):
     scaledgd_delta: float = Field(1e-6, gt=0)
 
     # --- DeepSpeed --------------------------------------------------------
-    # a preset (zero0..zero3, zero2_offload, zero3_offload) or a JSON path; None = plain PyTorch
+    # a preset (zero0..zero3, zero2_offload, zero3_offload) or a JSON path; None = zero0
     deepspeed: str | None = None
 
     # --- output and bookkeeping ------------------------------------------
     output_dir: str = "runs/reflora"
-    resume_from_checkpoint: str | None = None  # None, "auto" (latest in output_dir) or a path
+    # "auto": the newest complete checkpoint in output_dir, if any; a path; None = always start fresh
+    resume_from_checkpoint: str | None = "auto"
     logging_steps: int = Field(10, ge=1)
     eval_steps: int = Field(0, ge=0)  # 0 = evaluate only at the end
     save_steps: int = Field(0, ge=0)  # 0 = save only at the end
     save_total_limit: int | None = Field(2, ge=1)
-    report_to: list[Literal["tensorboard", "jsonl"]] = Field(default_factory=lambda: ["jsonl"])
+    # metrics.jsonl is always written (the loss curve is drawn from it); "tensorboard" adds event files
+    report_to: list[Literal["tensorboard", "jsonl"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
     # --- field normalisation ---------------------------------------------
     @field_validator("torch_dtype", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", mode="before")
@@ -238,13 +247,25 @@ def ds_config_path(name_or_path: str) -> Path:
 
 def _read_ds_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed: {path} is not valid JSON: {err}") from None
+    # The LoRA method lives in the client optimizer (gradient hooks, moment
+    # rescales) and the schedule in the run config; a DeepSpeed-built optimizer
+    # or scheduler would silently bypass both.
+    for block, field in (("optimizer", "optimizer / learning_rate / weight_decay"),
+                         ("scheduler", "lr_scheduler / warmup_steps")):
+        if block in ds:
+            raise ConfigError(
+                f"deepspeed: {path} has its own {block!r} block; remove it and set {field} "
+                f"in the run configuration instead (reflora_ds builds the {block} so that the "
+                "refactoring method can act on it)"
+            )
+    return ds
 
 
 def zero_stage(cfg: RunConfig) -> int:
-    """The ZeRO stage the run will use; 0 also for plain PyTorch (deepspeed: null)."""
+    """The ZeRO stage the run will use; 0 for deepspeed: null (the zero0 preset)."""
     if cfg.deepspeed is None:
         return 0
     ds = _read_ds_json(ds_config_path(cfg.deepspeed))
@@ -343,8 +364,8 @@ def build_config(values: dict, origin: str = "configuration") -> RunConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML run config (None = all defaults) and apply CLI overrides."""
+def load_config(path: str | Path | None, overrides: dict | None = None, *, skip_none: bool = True) -> RunConfig:
+    """Read a YAML run config (None = all defaults) and apply CLI overrides (see override_from_cli)."""
     values: dict = {}
     origin = "configuration"
     if path is not None:
@@ -359,7 +380,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of key: value pairs at the top level")
         values = loaded or {}
-    return build_config(override_from_cli(values, overrides), origin)
+    return build_config(override_from_cli(values, overrides, skip_none=skip_none), origin)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> Path:

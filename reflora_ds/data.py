@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -353,8 +354,11 @@ def split_validation(dataset: Dataset, val_set_size: int, seed: int) -> tuple[Da
         return dataset, None
     if val_set_size >= len(dataset):
         raise DataError(f"val_set_size ({val_set_size}) must be smaller than the data ({len(dataset)} rows)")
-    split = dataset.train_test_split(test_size=val_set_size, shuffle=True, seed=seed, keep_in_memory=True)
-    return split["train"], split["test"]
+    # The permutation Dataset.train_test_split draws, without its call: that one
+    # cannot keep a disk-backed (cached) dataset's split in memory.
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return (dataset.select(order[val_set_size:], keep_in_memory=True),
+            dataset.select(order[:val_set_size], keep_in_memory=True))
 
 
 def shard_for_rank(dataset: Dataset, rank: int, world_size: int, *, even: bool = True) -> Dataset:

@@ -28,7 +28,7 @@ def write_yaml(tmp_path, values, name="run.yaml"):
 def test_defaults_follow_the_recipe():
     cfg = load_config(None)
     assert cfg.base_model is None and cfg.data_path is None
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.cutoff_len) == (16, 32, 256)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.cutoff_len) == (32, 64, 256)
     assert cfg.lora_target_modules == DEFAULT_TARGET_MODULES
     assert cfg.prompt_template == "alpaca"
     assert zero_stage(cfg) == 0
@@ -176,3 +176,15 @@ def test_bad_yaml_top_level(tmp_path):
     path.write_text("- lora_r\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def test_deepspeed_config_with_its_own_optimizer_or_scheduler_is_refused(tmp_path):
+    import json
+
+    from reflora_ds.config import ConfigError, build_config
+
+    for block in ("optimizer", "scheduler"):
+        path = tmp_path / f"{block}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW"}}))
+        with pytest.raises(ConfigError, match=f"own '{block}' block; remove it"):
+            build_config({"deepspeed": str(path)})

@@ -1,0 +1,5 @@
+"""``python -m reflora_ds``: the command line, also for ``deepspeed --module reflora_ds``."""
+
+from .cli import main
+
+main()

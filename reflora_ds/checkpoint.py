@@ -1,0 +1,297 @@
+"""Checkpoints: atomic saves, the newest complete one, resume, preemption, the final adapter.
+
+Layout inside ``output_dir``::
+
+    checkpoints/step-N/          one DeepSpeed checkpoint (tag dir), complete
+        mp_rank_00_model_states.pt   ... DeepSpeed's files, plus in client_state:
+                                     {"trainer": loop position, "reflora": method state}
+        trainer_state.json       the same loop position, readable without torch
+        rng_state_rank{R}.pt     each rank's RNG streams (dropout)
+        COMPLETE                 written last
+    adapter/                     the final PEFT adapter (save_pretrained)
+
+A save goes to ``checkpoints/.tmp-step-N`` on every rank; after a barrier rank 0
+writes COMPLETE and renames the folder to ``step-N``. A crash mid-save leaves
+only a ``.tmp-*`` folder, which is never resumed from and is removed by the
+next run; older checkpoints are pruned only after the rename. The checkpoints
+folder must be on storage every rank sees (as DeepSpeed itself requires for
+ZeRO shards).
+
+Preemption: SIGTERM sets a flag; at the next optimizer-step boundary every
+rank agrees to stop, a checkpoint is saved and the command exits with status
+143 (128 + SIGTERM, so requeue wrappers see a stopped, resumable run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, the
+# shell's convention for "terminated", so requeue wrappers see it was stopped.
+PREEMPTED_EXIT_CODE = 143
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- finding checkpoints ---------------------------------------------------------
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def list_complete(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest_complete(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, or None."""
+    found = list_complete(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -> Path | None:
+    """What to resume from: None (start fresh), "auto" (newest in output_dir, if any) or a path.
+
+    A path may name a checkpoint folder (``.../checkpoints/step-N``) or a run's
+    output_dir (its newest complete checkpoint).
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "auto":
+        return find_latest_complete(output_dir)
+    path = Path(resume_from_checkpoint).expanduser()
+    if is_complete(path):
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    if checkpoint_root(run_dir).is_dir():
+        latest = find_latest_complete(run_dir)
+        if latest is None:
+            raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {checkpoint_root(run_dir)}")
+        return latest
+    raise ConfigError(
+        f"resume_from_checkpoint: {resume_from_checkpoint} is neither a complete checkpoint "
+        f"(OUTPUT_DIR/{CHECKPOINTS}/step-N with a {COMPLETE} file) nor a run folder holding one"
+    )
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+# --- RNG streams -----------------------------------------------------------------
+# Per rank, since dropout draws differ between ranks; DeepSpeed's client_state
+# is written by rank 0 only, so each rank keeps its own small file.
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng_state_rank{rank}.pt"
+
+
+# --- saving ----------------------------------------------------------------------
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, trainer_state: dict,
+         keep: int | None) -> Path:
+    """Save a checkpoint atomically on every rank (a collective); returns its final path."""
+    root = checkpoint_root(output_dir)
+    tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
+    tmp, final = root / tmp_tag, root / tag
+    if _rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # debris of an earlier, interrupted save of this step
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng_state(), _rng_file(tmp, _rank()))
+    _barrier()
+    if _rank() == 0:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        _write_durably(tmp / COMPLETE, f"{tag}\n")
+        old = root / f".old-{tag}"
+        if final.exists():  # the same step saved again: set the old copy aside until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        prune(output_dir, keep)
+    _barrier()
+    return final
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` survive a power loss (where the platform allows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune(output_dir: str | Path, keep: int | None) -> None:
+    """Keep only the newest ``keep`` complete checkpoints (None keeps all)."""
+    if keep is None:
+        return
+    for _, path in list_complete(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale(output_dir: str | Path) -> None:
+    """Remove what interrupted saves left behind (``.tmp-*``, ``.old-*`` folders)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for path in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- loading ---------------------------------------------------------------------
+
+
+def load(engine, path: Path) -> dict:
+    """Load a checkpoint into the engine, restore this rank's RNG; returns client_state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path}")
+    rng = _rng_file(path, _rank())
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return client_state
+
+
+# --- the final adapter -----------------------------------------------------------
+
+
+def save_adapter(engine, output_dir: str | Path) -> Path:
+    """The trained PEFT adapter in fp32, saved by rank 0 (a collective under ZeRO-3)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = engine.module
+    target = Path(output_dir) / ADAPTER
+    stage0_masters = _stage0_fp32_masters(engine)
+    state = {}
+    # Read the fp32 master where DeepSpeed keeps one (bf16, ZeRO 1-3); the
+    # getter is a collective, so every rank walks the same list in order.
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Every rank that is mapped at all takes part: under ZeRO-1/2 a rank
+        # holding no piece of ``param`` has ``_hp_mapping = None`` yet must join.
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            master = safe_get_full_fp32_param(param)
+        elif id(param) in stage0_masters:
+            master = stage0_masters[id(param)]
+        else:
+            with GatheredParameters([param], modifier_rank=None):
+                master = param.detach().clone()
+        state[name] = master.detach().float().cpu().clone()
+    if _rank() == 0:
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    _barrier()
+    return target
+
+
+def _stage0_fp32_masters(engine) -> dict[int, torch.Tensor]:
+    """Stage 0 with bf16: DeepSpeed's mixed-precision wrapper keeps fp32 copies beside the model."""
+    opt = engine.optimizer
+    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
+        return {}
+    return {id(low): high for lows, highs in zip(opt.fp16_groups, opt.fp32_groups) for low, high in zip(lows, highs)}
+
+
+# --- preemption ------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a Slurm preemption, a launcher's shutdown) into a flag.
+
+    The loop checks ``requested`` at each optimizer-step boundary, where all
+    ranks agree (via the step's all-reduce) to save and stop together.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
