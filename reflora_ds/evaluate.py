@@ -1,0 +1,567 @@
+"""Accuracy, loss and perplexity of a causal LM on instruction-format sets.
+
+Multiple-choice sets in the LLM-Adapters format carry their label in `answer`
+(answer1..answerK, true/false, option1/2, solution1/2, ending1..4) and list the
+allowed labels in the instruction's last line, "Answer format: a/b/c". Two ways
+to score them:
+
+- generate: greedy decoding after the prompt template, then the first label of
+  the set's kind found in the text (as LLM-Adapters' commonsense_evaluate.py
+  does); a generation without a label counts as wrong.
+- likelihood: the log-likelihood of the response with each allowed label in
+  place of the gold one ("the correct answer is answer3"), the best one wins.
+
+Loss and perplexity use the training tokenization (data.tokenize_rows: loss on
+the response and EOS only), so they read the same as the training loss.
+
+Under torch.distributed every rank scores its own stride of the rows and the
+per-row records are gathered on every rank. Models partitioned by ZeRO-3 need
+every rank to run the same number of forwards; the short ranks run dummies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .data import IGNORE_INDEX, PadCollator, build_prompt, read_rows, tokenize_rows
+
+MODES = ("generate", "likelihood")
+
+
+class EvalError(ValueError):
+    """A set that cannot be scored, with the row that shows why."""
+
+
+# --- labels -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelFormat:
+    """One kind of label: numbered (stem + digit, e.g. answer3) or true/false."""
+
+    name: str
+    stem: str | None  # None for true/false
+    default_count: int = 0  # numbered labels assumed when the instruction lists none
+
+    @property
+    def pattern(self) -> re.Pattern:
+        # Case-insensitive and "ending 2" = "ending2": generations vary in both.
+        if self.stem is None:
+            return re.compile(r"\b(true|false)\b", re.IGNORECASE)
+        return re.compile(rf"{self.stem}\s?([0-9]+)", re.IGNORECASE)
+
+    def normalise(self, match: re.Match) -> str:
+        if self.stem is None:
+            return match.group(1).lower()
+        return f"{self.stem}{int(match.group(1))}"
+
+    def find(self, text: str) -> str | None:
+        """The first label of this kind in free text, normalised; None if there is none."""
+        match = self.pattern.search(text)
+        return self.normalise(match) if match else None
+
+    def parse(self, label: str) -> str | None:
+        """A label given on its own (a gold answer, an option list entry), normalised."""
+        match = self.pattern.fullmatch(label.strip())
+        return self.normalise(match) if match else None
+
+    def defaults(self) -> list[str]:
+        if self.stem is None:
+            return ["true", "false"]
+        return [f"{self.stem}{i}" for i in range(1, self.default_count + 1)]
+
+
+# The sets of LLM-Adapters' commonsense benchmark and the label each uses.
+LABEL_FORMATS = (
+    LabelFormat("answer", "answer", 4),  # ARC-Easy, ARC-Challenge, OpenBookQA (4-5), Social IQa (3)
+    LabelFormat("true/false", None),  # BoolQ
+    LabelFormat("option", "option", 2),  # WinoGrande
+    LabelFormat("solution", "solution", 2),  # PIQA
+    LabelFormat("ending", "ending", 4),  # HellaSwag
+)
+
+_ANSWER_FORMAT_LINE = re.compile(r"answer format:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def label_format(answer: str) -> LabelFormat:
+    """The label kind of a gold answer; EvalError if it is none of the known ones."""
+    for fmt in LABEL_FORMATS:
+        if fmt.parse(answer) is not None:
+            return fmt
+    known = "answerN, true/false, optionN, solutionN, endingN"
+    raise EvalError(f"answer {answer!r} is not a known label ({known})")
+
+
+def candidates(instruction: str, fmt: LabelFormat, gold: str | None = None) -> list[str]:
+    """The labels a row allows: its "Answer format:" line, else the format's defaults."""
+    found = _ANSWER_FORMAT_LINE.findall(instruction)
+    labels: list[str] = []
+    if found:
+        for part in found[-1].split("/"):
+            label = fmt.parse(part)
+            if label is not None and label not in labels:
+                labels.append(label)
+    if not labels:
+        labels = fmt.defaults()
+        if gold is not None and fmt.stem is not None:
+            # A gold answer beyond the defaults (answer5) says how many there are.
+            n = int(gold[len(fmt.stem):])
+            labels = [f"{fmt.stem}{i}" for i in range(1, max(n, len(labels)) + 1)]
+    if gold is not None and gold not in labels:
+        labels.append(gold)
+    return labels
+
+
+@dataclass(frozen=True)
+class Question:
+    """A row ready to score: its prompt, gold label, allowed labels and response template."""
+
+    index: int
+    prompt: str
+    instruction: str
+    input: str
+    answer: str
+    format: LabelFormat
+    labels: tuple[str, ...]
+    template: str  # the response with "{label}" where the label goes
+
+    def response(self, label: str) -> str:
+        return self.template.replace("{label}", label)
+
+
+def make_question(index: int, row: dict, template: str = "alpaca") -> Question:
+    try:
+        fmt = label_format(row["answer"])
+    except EvalError as err:
+        raise EvalError(f"row {index}: {err}") from None
+    gold = fmt.parse(row["answer"])
+    output = row.get("output") or ""
+    # The training target with the gold label swapped out, so every candidate
+    # is scored in exactly the form the model was fine-tuned to produce.
+    position = output.lower().rfind(row["answer"].strip().lower()) if row["answer"].strip() else -1
+    if position >= 0:
+        response = output[:position] + "{label}" + output[position + len(row["answer"].strip()):]
+    else:
+        response = "the correct answer is {label}"
+    return Question(
+        index=index,
+        prompt=build_prompt(row["instruction"], row.get("input", ""), template),
+        instruction=row["instruction"],
+        input=row.get("input", ""),
+        answer=gold,
+        format=fmt,
+        labels=tuple(candidates(row["instruction"], fmt, gold)),
+        template=response,
+    )
+
+
+# --- model state and distribution ------------------------------------------------
+
+
+def unwrap(model):
+    """The module inside a DeepSpeed engine (or DDP), else the model itself."""
+    if "deepspeed" in sys.modules:
+        from deepspeed import DeepSpeedEngine
+
+        if isinstance(model, DeepSpeedEngine):
+            return model.module
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _is_4bit_linear(module) -> bool:
+    if "bitsandbytes" not in sys.modules:
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+@contextlib.contextmanager
+def inference_mode(model) -> Iterator[None]:
+    """Dropout off and no gradients for the duration; every module's mode restored after.
+
+    bitsandbytes (>= 0.49, AVX512-BF16 CPUs) repacks a 4-bit weight in place at
+    its first eval-mode no-grad forward, and such a model no longer trains.
+    4-bit linears therefore keep the mode they had: a model in train mode can
+    be evaluated mid-training and go on training. (A model loaded only for
+    evaluation is in eval mode already, and a repack there does no harm.)
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        for module, was_training in modes:
+            module.training = was_training if _is_4bit_linear(module) else False
+        with torch.no_grad():
+            yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _partitioned(model) -> bool:
+    """True when ZeRO-3 partitions the parameters (each forward is then a collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """Every rank's records on every rank, in row order."""
+    _, world = rank_and_world()
+    if world == 1:
+        return records
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, records)
+    return sorted((r for part in parts for r in part), key=lambda r: r["index"])
+
+
+def _batches_in_lockstep(items: Sequence, batch_size: int, lockstep: bool) -> Iterator[tuple[list, bool]]:
+    """(batch, real) pairs; with lockstep, dummy batches pad every rank to the longest rank's count."""
+    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    extra = 0
+    if lockstep:
+        # Agreed before the first forward: a collective here must not interleave with the forwards' own.
+        counts: list = [None] * rank_and_world()[1]
+        torch.distributed.all_gather_object(counts, len(batches))
+        extra = max(counts) - len(batches)
+    for batch in batches:
+        yield batch, True
+    for _ in range(extra):
+        yield [], False
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- generate and parse ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _padding_side(tokenizer, side: str) -> Iterator[None]:
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = before
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, synced: bool) -> list[str]:
+    from transformers import GenerationConfig
+
+    # Left padding: every prompt ends at the same column, where generation starts.
+    with _padding_side(tokenizer, "left"):
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    batch = {k: batch[k].to(_device(model)) for k in ("input_ids", "attention_mask")}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    kwargs = {"synced_gpus": True} if synced else {}
+    out = model.generate(**batch, generation_config=config, **kwargs)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def score_generate(
+    model, tokenizer, questions: Sequence[Question], *, batch_size: int = 8, max_new_tokens: int = 32,
+    dummy: Question | None = None, on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """One record per question: the generation, the label parsed from it (or None), and correctness."""
+    model = unwrap(model)
+    lockstep = _partitioned(model) and rank_and_world()[1] > 1
+    records = []
+    with inference_mode(model):
+        for batch, real in _batches_in_lockstep(questions, batch_size, lockstep):
+            if not real:
+                _generate(model, tokenizer, [(dummy or questions[0]).prompt], max_new_tokens, synced=True)
+                continue
+            texts = _generate(model, tokenizer, [q.prompt for q in batch], max_new_tokens, synced=lockstep)
+            for q, text in zip(batch, texts):
+                predicted = q.format.find(text)
+                records.append({"index": q.index, "answer": q.answer, "prediction": predicted,
+                                "correct": predicted == q.answer, "generation": text})
+            if on_batch:
+                on_batch(len(batch))
+    return records
+
+
+# --- likelihood of each option ------------------------------------------------------
+
+
+def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log p(token) over the positions whose label is not IGNORE_INDEX, per row."""
+    device = _device(model)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:].to(logits.device)
+    mask = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~mask, 0)
+    token_logp = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logp * mask).sum(-1)
+
+
+def _option_samples(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
+    """Prompt + response for every (question, label), labels on the response only, no EOS."""
+    rows, owners = [], []
+    for q in questions:
+        for label in q.labels:
+            rows.append({"instruction": q.instruction, "input": q.input, "output": q.response(label), "answer": label})
+            owners.append((q.index, label))
+    if not rows:
+        return []
+    columns, _ = tokenize_rows(rows, tokenizer, template=template, cutoff_len=1 << 20)
+    samples = []
+    for (index, label), ids, labels in zip(owners, columns["input_ids"], columns["labels"]):
+        if ids[-1] == tokenizer.eos_token_id:  # the training EOS: not part of the option
+            ids, labels = ids[:-1], labels[:-1]
+        samples.append({"index": index, "label": label, "input_ids": ids, "labels": labels})
+    return samples
+
+
+def score_likelihood(
+    model, tokenizer, questions: Sequence[Question], *, batch_size: int = 8, template: str = "alpaca",
+    dummy: Question | None = None, on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """One record per question: each label's log-likelihood, the best label, and correctness.
+
+    batch_size counts sequences (question × label). Right padding with an
+    attention mask leaves every real token's logits as without padding.
+    """
+    model = unwrap(model)
+    lockstep = _partitioned(model) and rank_and_world()[1] > 1
+    collate = PadCollator(tokenizer.pad_token_id)
+    # Similar lengths side by side waste less compute on padding; scores are keyed, so order is free.
+    samples = sorted(_option_samples(questions, tokenizer, template), key=lambda x: len(x["input_ids"]))
+    scores: dict[int, dict[str, float]] = {q.index: {} for q in questions}
+    with inference_mode(model):
+        for batch, real in _batches_in_lockstep(samples, batch_size, lockstep):
+            if not real:
+                _sequence_logprobs(model, collate(_option_samples([dummy or questions[0]], tokenizer, template)[:1]))
+                continue
+            logp = _sequence_logprobs(model, collate(batch))
+            for sample, value in zip(batch, logp.tolist()):
+                scores[sample["index"]][sample["label"]] = value
+            if on_batch:
+                on_batch(len(batch))
+    records = []
+    for q in questions:
+        options = {label: scores[q.index][label] for label in q.labels}
+        predicted = max(q.labels, key=lambda label: options[label])  # first label wins a tie
+        records.append({"index": q.index, "answer": q.answer, "prediction": predicted,
+                        "correct": predicted == q.answer, "scores": options})
+    return records
+
+
+# --- loss and perplexity -------------------------------------------------------------
+
+
+def score_loss(
+    model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8, cutoff_len: int = 256,
+    template: str = "alpaca", dummy: dict | None = None, on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Summed response-token loss and token count of these rows (combine across ranks by summing)."""
+    model = unwrap(model)
+    lockstep = _partitioned(model) and rank_and_world()[1] > 1
+    collate = PadCollator(tokenizer.pad_token_id)
+
+    def samples_of(part):
+        if not part:
+            return []
+        columns, _ = tokenize_rows(list(part), tokenizer, template=template, cutoff_len=cutoff_len)
+        return [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
+
+    samples = sorted(samples_of(rows), key=lambda x: len(x["input_ids"]))  # less padding; sums ignore order
+    total, tokens = 0.0, 0
+    with inference_mode(model):
+        for batch, real in _batches_in_lockstep(samples, batch_size, lockstep):
+            if not real:
+                _sequence_logprobs(model, collate(samples_of([dummy or rows[0]])))
+                continue
+            collated = collate(batch)
+            total -= _sequence_logprobs(model, collated).sum().item()
+            tokens += int((collated["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if on_batch:
+                on_batch(len(batch))
+    return {"loss_sum": total, "tokens": tokens}
+
+
+# --- one set, all ranks ---------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What one set scored; accuracy and correct are per mode, loss over response tokens."""
+
+    task: str
+    rows: int
+    accuracy: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    unparsed: int | None = None  # generations in which no label was found
+    loss: float | None = None
+    perplexity: float | None = None
+    loss_tokens: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # per mode, "loss" and "total"
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # mode -> per-row records
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out.pop("examples")
+        return out
+
+
+def _rows_of(data) -> tuple[str, list[dict]]:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        name = path.parent.name if path.stem in ("test", "train", "dev", "validation") else path.stem
+        return name, read_rows(path).rows
+    return "data", list(data)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    data,
+    *,
+    modes: Iterable[str] = ("generate",),
+    loss: bool = True,
+    task: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    cutoff_len: int = 256,
+    template: str = "alpaca",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EvalResult:
+    """Accuracy in each mode (rows with an `answer`), and loss/perplexity, of one set.
+
+    `data` is a file path or a list of rows. Works on a PeftModel, a plain HF
+    model or a DeepSpeed engine; leaves every module in the mode it found it
+    (see inference_mode for why that matters for 4-bit bases). Under
+    torch.distributed call it on every rank: each scores rows rank, rank+W, ...
+    and every rank returns the combined result. `progress(stage, done, total)`
+    is called after each batch with this rank's counts.
+    """
+    modes = list(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise EvalError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
+    name, rows = _rows_of(data)
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise EvalError(f"{task or name}: no rows to evaluate")
+    result = EvalResult(task=task or name, rows=len(rows))
+    rank, world = rank_and_world()
+    start = time.perf_counter()
+
+    def report(stage: str, total: int) -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            progress(f"{result.task} {stage}", done[0], total)
+        return advance
+
+    # A training-format set without labels (Alpaca) still has a loss.
+    labelled = all(row.get("answer") for row in rows)
+    if modes and not labelled and not loss:
+        raise EvalError(f"{result.task}: rows without an 'answer' label cannot be scored for accuracy")
+    scored = modes if labelled else []
+    if scored:
+        questions = [make_question(i, row, template) for i, row in enumerate(rows)]
+        mine = questions[rank::world]
+        for mode in scored:
+            mode_start = time.perf_counter()
+            if mode == "generate":
+                local = score_generate(model, tokenizer, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       dummy=questions[0], on_batch=report(mode, len(mine)))
+            else:
+                sequences = sum(len(q.labels) for q in mine)
+                local = score_likelihood(model, tokenizer, mine, batch_size=batch_size, template=template,
+                                         dummy=questions[0], on_batch=report(mode, sequences))
+            records = _gather(local)
+            result.examples[mode] = records
+            result.correct[mode] = sum(r["correct"] for r in records)
+            result.accuracy[mode] = result.correct[mode] / len(records)
+            if mode == "generate":
+                result.unparsed = sum(r["prediction"] is None for r in records)
+            result.seconds[mode] = time.perf_counter() - mode_start
+
+    if loss:
+        loss_start = time.perf_counter()
+        mine_rows = rows[rank::world]
+        local = score_loss(model, tokenizer, mine_rows, batch_size=batch_size, cutoff_len=cutoff_len,
+                           template=template, dummy=rows[0], on_batch=report("loss", len(mine_rows)))
+        parts = _gather([{"index": rank, **local}])
+        total, tokens = sum(p["loss_sum"] for p in parts), sum(p["tokens"] for p in parts)
+        if tokens:
+            result.loss = total / tokens
+            result.perplexity = math.exp(min(result.loss, 700.0))
+            result.loss_tokens = tokens
+        result.seconds["loss"] = time.perf_counter() - loss_start
+    result.seconds["total"] = time.perf_counter() - start
+    return result
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def results_table(results: Sequence[EvalResult], title: str = "evaluation"):
+    """A rich table: one row per set, accuracy per mode, loss and perplexity."""
+    from rich.table import Table
+
+    modes = [m for m in MODES if any(m in r.accuracy for r in results)]
+    table = Table(title=title, caption="generate / likelihood: accuracy (rows correct)" if modes else None)
+    table.add_column("task")
+    table.add_column("rows", justify="right")
+    for mode in modes:
+        table.add_column(mode, justify="right")
+    if "generate" in modes:
+        table.add_column("unparsed", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("ppl", justify="right")
+    table.add_column("time", justify="right")
+    for r in results:
+        cells = [r.task, str(r.rows)]
+        for mode in modes:
+            cells.append(f"{r.accuracy[mode]:.4f} ({r.correct[mode]})" if mode in r.accuracy else "-")
+        if "generate" in modes:
+            cells.append("-" if r.unparsed is None else str(r.unparsed))
+        cells.append("-" if r.loss is None else f"{r.loss:.4f}")
+        cells.append("-" if r.perplexity is None else f"{r.perplexity:.3f}")
+        cells.append(f"{r.seconds['total']:.1f}s")
+        table.add_row(*cells)
+    return table
+
+
+def results_json(results: Sequence[EvalResult], meta: dict | None = None, examples: bool = True) -> dict:
+    """The JSON report: run metadata, one summary per set and (optionally) every row's record."""
+    tasks = []
+    for r in results:
+        entry = r.summary()
+        if examples:
+            entry["examples"] = r.examples
+        tasks.append(entry)
+    return {"meta": meta or {}, "tasks": tasks}
