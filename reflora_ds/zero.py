@@ -138,12 +138,7 @@ class ZeroRefLoRA(LoraStepper):
                 views[key].mul_(c)
 
     def _get_full_master(self, param) -> Tensor:
-        if not _is_partitioned(param):
-            master, _ = _stage0_master(self.engine, param)
-            return master.detach().clone()
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(param)  # a collective: all ranks, same order
+        return full_fp32_master(self.engine, param)
 
     @torch.no_grad()
     def _set_full_master(self, param, value: Tensor) -> None:
@@ -154,6 +149,21 @@ class ZeroRefLoRA(LoraStepper):
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value.float())
+
+
+def full_fp32_master(engine, param) -> Tensor:
+    """The full fp32 value the optimizer updates for ``param``, on every rank.
+
+    A collective whenever DeepSpeed partitions the master (ZeRO 1-3, bf16):
+    every rank must call it for the same parameters in the same order, also a
+    rank that holds no piece of ``param``.
+    """
+    if _is_partitioned(param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    master, _ = _stage0_master(engine, param)
+    return master.detach().float().clone()
 
 
 def _has_moments(opt: torch.optim.Optimizer) -> bool:
