@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, the newest complete one, resume, preemption, the final adapter.
+"""Checkpoints: atomic saves, the newest complete one, pruning, resume, preemption.
 
 Layout inside ``output_dir``::
 
@@ -8,14 +8,15 @@ Layout inside ``output_dir``::
         trainer_state.json       the same loop position, readable without torch
         rng_state_rank{R}.pt     each rank's RNG streams (dropout)
         COMPLETE                 written last
-    adapter/                     the final PEFT adapter (save_pretrained)
+    adapter/                     the final PEFT adapter (export.export_adapter)
 
 A save goes to ``checkpoints/.tmp-step-N`` on every rank; after a barrier rank 0
 writes COMPLETE and renames the folder to ``step-N``. A crash mid-save leaves
 only a ``.tmp-*`` folder, which is never resumed from and is removed by the
-next run; older checkpoints are pruned only after the rename. The checkpoints
-folder must be on storage every rank sees (as DeepSpeed itself requires for
-ZeRO shards).
+next run. Pruning is a separate call, made by the trainer after the save and
+after the best-checkpoint record (best.py) is up to date, so that the record
+never names a checkpoint already deleted. The checkpoints folder must be on
+storage every rank sees (as DeepSpeed itself requires for ZeRO shards).
 
 Preemption: SIGTERM sets a flag; at the next optimizer-step boundary every
 rank agrees to stop, a checkpoint is saved and the command exits with status
@@ -142,8 +143,7 @@ def _rng_file(path: Path, rank: int) -> Path:
 # --- saving ----------------------------------------------------------------------
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, trainer_state: dict,
-         keep: int | None) -> Path:
+def save(engine, output_dir: str | Path, step: int, client_state: dict, trainer_state: dict) -> Path:
     """Save a checkpoint atomically on every rank (a collective); returns its final path."""
     root = checkpoint_root(output_dir)
     tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
@@ -165,7 +165,6 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, trainer_
         os.rename(tmp, final)
         _fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
-        prune(output_dir, keep)
     _barrier()
     return final
 
@@ -191,12 +190,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prune(output_dir: str | Path, keep: int | None) -> None:
-    """Keep only the newest ``keep`` complete checkpoints (None keeps all)."""
+def prune(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> None:
+    """Keep only the newest ``keep`` complete checkpoints (None keeps all), and ``protect`` besides.
+
+    ``protect`` names a checkpoint folder (the best one) that is kept however old.
+    """
     if keep is None:
         return
+    spared = Path(protect).name if protect is not None else None
     for _, path in list_complete(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.name != spared:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale(output_dir: str | Path) -> None:
@@ -220,51 +224,6 @@ def load(engine, path: Path) -> dict:
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
     return client_state
-
-
-# --- the final adapter -----------------------------------------------------------
-
-
-def save_adapter(engine, output_dir: str | Path) -> Path:
-    """The trained PEFT adapter in fp32, saved by rank 0 (a collective under ZeRO-3)."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    model = engine.module
-    target = Path(output_dir) / ADAPTER
-    stage0_masters = _stage0_fp32_masters(engine)
-    state = {}
-    # Read the fp32 master where DeepSpeed keeps one (bf16, ZeRO 1-3); the
-    # getter is a collective, so every rank walks the same list in order.
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # Every rank that is mapped at all takes part: under ZeRO-1/2 a rank
-        # holding no piece of ``param`` has ``_hp_mapping = None`` yet must join.
-        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-            master = safe_get_full_fp32_param(param)
-        elif id(param) in stage0_masters:
-            master = stage0_masters[id(param)]
-        else:
-            with GatheredParameters([param], modifier_rank=None):
-                master = param.detach().clone()
-        state[name] = master.detach().float().cpu().clone()
-    if _rank() == 0:
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-    _barrier()
-    return target
-
-
-def _stage0_fp32_masters(engine) -> dict[int, torch.Tensor]:
-    """Stage 0 with bf16: DeepSpeed's mixed-precision wrapper keeps fp32 copies beside the model."""
-    opt = engine.optimizer
-    if not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
-        return {}
-    return {id(low): high for lows, highs in zip(opt.fp16_groups, opt.fp32_groups) for low, high in zip(lows, highs)}
 
 
 # --- preemption ------------------------------------------------------------------

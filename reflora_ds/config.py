@@ -129,9 +129,20 @@ class RunConfig(BaseModel):
     # "auto": the newest complete checkpoint in output_dir, if any; a path; None = always start fresh
     resume_from_checkpoint: str | None = "auto"
     logging_steps: int = Field(10, ge=1)
-    eval_steps: int = Field(0, ge=0)  # 0 = evaluate only at the end
+    eval_steps: int = Field(0, ge=0)  # 0 = evaluate only before training and at the end
     save_steps: int = Field(0, ge=0)  # 0 = save only at the end
-    save_total_limit: int | None = Field(2, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)  # the newest N checkpoints kept (the best one besides)
+
+    # --- evaluation during training ----------------------------------------
+    # Accuracy on the evaluation rows besides the loss (evaluate.evaluate);
+    # None = on when every evaluation row carries an answer label.
+    eval_accuracy: bool | None = None
+    eval_accuracy_mode: Literal["likelihood", "generate"] = "likelihood"
+    eval_accuracy_limit: int | None = Field(None, ge=1)  # score only the first N evaluation rows
+    # Keep the checkpoint that scores best on this metric (HF Trainer's names).
+    # Every evaluation then also saves a checkpoint, so each one can be chosen.
+    metric_for_best_model: Literal["eval_loss", "eval_accuracy"] | None = None
+    greater_is_better: bool | None = None  # None = inferred: False for eval_loss, True for eval_accuracy
     # metrics.jsonl is always written (the loss curve is drawn from it); "tensorboard" adds event files
     report_to: list[Literal["tensorboard", "jsonl"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
 
@@ -197,7 +208,26 @@ class RunConfig(BaseModel):
         base = self.base_model
         if base is not None and _looks_like_path(base) and not Path(base).expanduser().exists():
             raise ValueError(f"base_model: no such directory: {self.base_model}")
+        self._check_evaluation()
         return self
+
+    def _check_evaluation(self) -> None:
+        has_eval_set = self.eval_data_path is not None or self.val_set_size > 0
+        if self.eval_accuracy and not has_eval_set:
+            raise ValueError("eval_accuracy: there is no evaluation set; set eval_data_path or val_set_size")
+        metric = self.metric_for_best_model
+        if metric is None:
+            return
+        if not has_eval_set:
+            raise ValueError(f"metric_for_best_model: {metric} needs an evaluation set; "
+                             "set eval_data_path or val_set_size")
+        # The best checkpoint is chosen among the evaluations every eval_steps,
+        # each of which saves a checkpoint; without them only the last would count.
+        if self.eval_steps == 0:
+            raise ValueError("metric_for_best_model: set eval_steps > 0 (a checkpoint is saved at every "
+                             "evaluation, and the best of them is kept)")
+        if metric == "eval_accuracy" and self.eval_accuracy is False:
+            raise ValueError("metric_for_best_model: eval_accuracy needs eval_accuracy on (it is false)")
 
     def resolved(self) -> RunConfig:
         """A copy with every 'None = follow another field' default made explicit."""
@@ -206,6 +236,8 @@ class RunConfig(BaseModel):
             values["bnb_4bit_compute_dtype"] = self.torch_dtype
         if values["bnb_4bit_quant_storage"] is None:
             values["bnb_4bit_quant_storage"] = self.torch_dtype if zero_stage(self) == 3 else "uint8"
+        if values["metric_for_best_model"] is not None and values["greater_is_better"] is None:
+            values["greater_is_better"] = not values["metric_for_best_model"].endswith("loss")
         return RunConfig.model_validate(values)
 
 

@@ -29,7 +29,8 @@ EMBEDDED_TRAIN = RESOURCES / "arc_easy" / "train.json"
 EMBEDDED_TEST = RESOURCES / "arc_easy" / "test.json"
 
 # Bump when tokenization changes in a way that invalidates cached datasets.
-CACHE_VERSION = 1
+# 2: a source_row column (each sample's row in the file, for scoring accuracy).
+CACHE_VERSION = 2
 
 
 class DataError(ValueError):
@@ -209,11 +210,13 @@ def _prompt_token_count(prompt: str, ids: list[int], offsets: list[tuple[int, in
 def tokenize_rows(
     rows: list[dict[str, str]], tokenizer, *, template: str = "alpaca", cutoff_len: int = 256
 ) -> tuple[dict[str, list], dict[str, int]]:
-    """input_ids and labels (IGNORE_INDEX on the prompt) for each row, plus counts.
+    """input_ids, labels (IGNORE_INDEX on the prompt) and source_row for each row, plus counts.
 
     EOS follows the response so the model learns to stop; a truncated sample
     loses it, as its response really was cut. Samples whose prompt alone fills
-    cutoff_len have nothing to learn from and are dropped (counted).
+    cutoff_len have nothing to learn from and are dropped (counted); source_row
+    (the sample's index in ``rows``) still leads each kept sample back to its
+    row and its ``answer``.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token")
@@ -221,7 +224,7 @@ def tokenize_rows(
     prompts = [tmpl.render(row["instruction"], row["input"]) for row in rows]
     texts = [prompt + row["output"] for prompt, row in zip(prompts, rows)]
     encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
-    out: dict[str, list] = {"input_ids": [], "labels": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "source_row": []}
     stats = {"rows": len(rows), "truncated": 0, "dropped_no_target": 0}
     for i, prompt in enumerate(prompts):
         ids = list(encoded["input_ids"][i])
@@ -238,6 +241,7 @@ def tokenize_rows(
             continue
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        out["source_row"].append(i)
     return out, stats
 
 
@@ -276,7 +280,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 @dataclass
 class TokenizedData:
-    dataset: Dataset  # columns input_ids, labels
+    dataset: Dataset  # columns input_ids, labels, source_row
     path: Path  # cache folder it lives in
     from_cache: bool
     stats: dict[str, Any]

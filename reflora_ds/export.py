@@ -2,11 +2,14 @@
 
 An adapter is `adapter_model.safetensors` + `adapter_config.json`, the layout
 `peft.PeftModel.from_pretrained(base, dir)` loads. It comes from a model in
-memory (plain, or inside a DeepSpeed engine at any ZeRO stage) or from a
-DeepSpeed checkpoint on disk. Under ZeRO-3 each rank holds only a slice of
-every parameter, and a state dict taken without gathering is a set of shape-[0]
-tensors; the trainable parameters are therefore gathered on all ranks first,
-and an adapter with an empty or wrongly shaped tensor is refused, never written.
+memory (plain, or inside a DeepSpeed engine at any ZeRO stage: the trainer
+writes its adapters with export_adapter too) or from a DeepSpeed checkpoint on
+disk. Inside an engine the weights are the fp32 masters the optimizer updates
+(zero.full_fp32_master), not the working copy, which is bf16 under bf16
+training. Under ZeRO-3 each rank holds only a slice of every parameter, and a
+state dict taken without gathering is a set of shape-[0] tensors; the
+trainable parameters are therefore gathered on all ranks first, and an adapter
+with an empty or wrongly shaped tensor is refused, never written.
 
 A merged model is the base with `scale·B·A` added to each adapted weight,
 saved as sharded safetensors with config and tokenizer, so that transformers
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -75,17 +79,36 @@ def _full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+def _is_engine(model) -> bool:
+    if "deepspeed" not in sys.modules:  # no engine can exist without it
+        return False
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
+
+
+def trainable_state_dict(model_or_engine) -> dict[str, torch.Tensor]:
     """Full CPU copies of the trainable parameters, by module parameter name.
 
-    Under ZeRO-3 this is a collective: call it on every rank.
+    Of a DeepSpeed engine: the fp32 masters, wherever ZeRO keeps them. Of a
+    plain model: the parameters in their own dtype. A collective under ZeRO
+    (1-3 for masters, 3 for parameters): call it on every rank.
     """
-    params = _trainable(model)
+    engine = model_or_engine if _is_engine(model_or_engine) else None
+    params = _trainable(unwrap(model_or_engine))
     if not params:
         raise ExportError("the model has no trainable parameters: nothing to export")
-    with _gathered([p for _, p in params]):
-        # Copy inside the context: leaving it frees the gathered storage again.
-        state = {name: p.detach().to("cpu", copy=True) for name, p in params}
+    if engine is not None:
+        from .zero import full_fp32_master
+
+        # Every rank reads every master in the same order, also a ZeRO-1/2 rank
+        # that holds no piece of it (its _hp_mapping is None): each read is a collective.
+        state = {name: full_fp32_master(engine, p).detach().to("cpu", torch.float32, copy=True)
+                 for name, p in params}
+    else:
+        with _gathered([p for _, p in params]):
+            # Copy inside the context: leaving it frees the gathered storage again.
+            state = {name: p.detach().to("cpu", copy=True) for name, p in params}
     for name, p in params:
         if tuple(state[name].shape) != _full_shape(p):
             raise ExportError(f"{name}: gathered shape {tuple(state[name].shape)} != {_full_shape(p)}")
@@ -162,18 +185,17 @@ def export_adapter(
 ) -> Path:
     """Save the adapter of a PeftModel (or of the PeftModel inside a DeepSpeed engine).
 
-    Call on every rank: under ZeRO-3 the gather is a collective. Rank 0 writes;
-    the others wait for it. `base_model` is recorded as base_model_name_or_path.
-    The tensors are the model's own parameters, in their dtype: under bf16
-    training the fp32 masters live in the optimizer (export_from_checkpoint
-    reads those).
+    Call on every rank: reading ZeRO's partitions is a collective. Rank 0
+    writes; the others wait for it. `base_model` is recorded as
+    base_model_name_or_path. From an engine the tensors are the fp32 masters
+    (what training would resume from); from a plain model its own parameters.
     """
     from peft import PeftModel
 
     model = unwrap(model_or_engine)
     if not isinstance(model, PeftModel):
         raise ExportError(f"expected a PEFT model (or an engine around one), got {type(model).__name__}")
-    state = trainable_state_dict(model)
+    state = trainable_state_dict(model_or_engine)
     _check_not_empty(state, "gathered parameters")
     # Checked on every rank, so that a bad adapter stops all of them (not rank 0 alone, leaving the rest waiting).
     adapter = adapter_state_dict(model, state, adapter_name)

@@ -9,6 +9,11 @@ It reads top to bottom, like a recipe:
     5. the loop: accumulate, step, log, evaluate, checkpoint; stop on SIGTERM
     6. final evaluation, checkpoint, adapter and loss curve
 
+Evaluation. Before training, every eval_steps and at the end: the loss of the
+evaluation set and, when the rows carry answer labels, the accuracy on them
+(evaluate.evaluate, likelihood or generate mode). With metric_for_best_model
+every evaluation also saves a checkpoint, and the best one is kept (best.py).
+
 Everything runs on the DeepSpeed engine; ``deepspeed: null`` is the zero0
 preset on however many ranks were launched (one, without a launcher).
 
@@ -39,7 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, data, models
+from . import checkpoint, data, export, models
+from .best import BEST_ADAPTER, BestCheckpoint, read_record
 from .config import ConfigError, RunConfig, deepspeed_config, dump_config
 from .data import IGNORE_INDEX, DataError
 from .methods import MethodConfig
@@ -50,6 +56,8 @@ DEFAULT_DS_PRESET = "zero0"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOSS_PLOT = "loss.png"
+# Tokens generated per row when accuracy is scored in generate mode (as `reflora-ds eval`).
+EVAL_MAX_NEW_TOKENS = 32
 
 
 @dataclass
@@ -87,6 +95,10 @@ def train(cfg: RunConfig) -> dict:
     tokenizer = models.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
     train_set, eval_set, stats = _local_zero_first(lambda: tokenize_datasets(cfg, tokenizer))
     log(_describe_data(stats, train_set, eval_set))
+    labelled_rows = accuracy_rows(cfg, eval_set)
+    scored = f"{cfg.eval_accuracy_mode}, {len(labelled_rows)} rows" if labelled_rows is not None else None
+    if scored is not None:
+        log(f"accuracy: {cfg.eval_accuracy_mode} scoring of {len(labelled_rows)} evaluation rows at each evaluation")
     steps_per_epoch, total_steps = _schedule_length(cfg, len(train_set), world)
     global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
 
@@ -102,7 +114,7 @@ def train(cfg: RunConfig) -> dict:
     if saved is not None:
         _check_resumable(saved, world, global_batch, cfg)
         if saved["position"]["global_step"] >= total_steps:
-            return _already_finished(saved, resume, output_dir, log)
+            return _already_finished(saved, resume, output_dir, log, scored)
 
     # 4. model, optimizer, engine, method -------------------------------------------
     model, _ = models.load_base_model(cfg)  # in train mode: see models.load_base_model
@@ -127,6 +139,9 @@ def train(cfg: RunConfig) -> dict:
 
     position = Position()
     losses = {"before": None, "after": None, "kind": "eval" if eval_set is not None else "train"}
+    accuracy = {"before": None, "after": None}
+    tracker = (BestCheckpoint(cfg.metric_for_best_model, cfg.greater_is_better)
+               if cfg.metric_for_best_model else None)
     if resume is not None:
         client = checkpoint.load(engine, resume)
         try:
@@ -135,26 +150,42 @@ def train(cfg: RunConfig) -> dict:
             raise ConfigError(f"resume_from_checkpoint: {err}") from None
         position = Position(**client["trainer"]["position"])
         losses.update(before=client["trainer"]["loss_before"])
+        accuracy.update(before=client["trainer"].get("accuracy_before"))
+        if tracker is not None:
+            tracker = _resume_best(client["trainer"].get("best"), cfg, output_dir, rank, log)
         log(f"resumed from {resume} at step {position.global_step}/{total_steps}")
 
     metrics = MetricsLog(output_dir, enabled=rank == 0, tensorboard="tensorboard" in cfg.report_to,
                          resume_step=position.global_step if resume else None)
-    evaluate_now = lambda: evaluate(engine, eval_set, cfg.micro_batch_size, collate)  # noqa: E731
-    if resume is None and eval_set is not None:
-        losses["before"] = evaluate_now()
-        metrics.write({"step": 0, "eval_loss": losses["before"]})
-        log(f"eval loss before training: {losses['before']:.4f}")
 
-    def save(step_losses: dict) -> Path:
+    def evaluate_now() -> dict:
+        """eval_loss, and eval_accuracy when it is on, of the weights as they are (all ranks)."""
+        scores = {"eval_loss": evaluate(engine, eval_set, cfg.micro_batch_size, collate)}
+        if labelled_rows is not None:
+            scores["eval_accuracy"] = evaluate_accuracy(engine, tokenizer, labelled_rows, cfg)
+        return scores
+
+    if resume is None and eval_set is not None:
+        scores = evaluate_now()
+        losses["before"], accuracy["before"] = scores["eval_loss"], scores.get("eval_accuracy")
+        metrics.write({"step": 0, **scores})
+        log(f"eval before training: {_describe_scores(scores)}")
+
+    def save() -> Path:
         trainer_state = {
             "position": asdict(position), "total_steps": total_steps, "world_size": world,
-            "global_batch_size": global_batch, "optimizer": cfg.optimizer, "loss_before": step_losses["before"],
-            "loss_after": step_losses["after"], "loss_kind": step_losses["kind"],
+            "global_batch_size": global_batch, "optimizer": cfg.optimizer, "loss_before": losses["before"],
+            "loss_after": losses["after"], "loss_kind": losses["kind"], "accuracy_before": accuracy["before"],
+            "accuracy_after": accuracy["after"], "best": tracker.state() if tracker is not None else None,
         }
         client_state = {"trainer": trainer_state, "reflora": refl.state_dict()}
-        path = checkpoint.save(engine, output_dir, position.global_step, client_state, trainer_state,
-                               keep=cfg.save_total_limit)
+        path = checkpoint.save(engine, output_dir, position.global_step, client_state, trainer_state)
         log(f"saved checkpoint {path}")
+        if tracker is not None and tracker.step == position.global_step:
+            _publish_best(engine, tracker, output_dir, source, cfg, rank, log)
+        # Only now, with the best record pointing at its checkpoint, may older ones go.
+        if rank == 0:
+            checkpoint.prune(output_dir, cfg.save_total_limit, protect=tracker.checkpoint if tracker else None)
         return path
 
     # 5. the loop -----------------------------------------------------------------------
@@ -176,11 +207,12 @@ def train(cfg: RunConfig) -> dict:
             n_targets, stop = _all_reduce_sum([local_targets, float(guard.requested)], engine.device)
             if stop:
                 bar.close()
-                path = last_saved if _is_at(last_saved, position.global_step) else save(losses)
+                path = last_saved if _is_at(last_saved, position.global_step) else save()
                 log(f"stopped by SIGTERM at step {position.global_step}/{total_steps}; "
                     f"checkpoint {path}; run the same command again to resume")
                 metrics.close()
-                return _summary("preempted", position, total_steps, losses, output_dir, path, started)
+                return _summary("preempted", position, total_steps, losses, accuracy, _best_of(tracker),
+                                output_dir, path, started)
 
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             tic = time.perf_counter()
@@ -190,38 +222,49 @@ def train(cfg: RunConfig) -> dict:
             position.step_in_epoch += 1
             step = position.global_step
 
+            record = {"step": step}
             if step % cfg.logging_steps == 0 or step == total_steps:
-                record = window.flush(engine.device)
-                record.update(step=step, epoch=round(position.epoch + position.step_in_epoch / steps_per_epoch, 4),
+                record.update(window.flush(engine.device))
+                record.update(epoch=round(position.epoch + position.step_in_epoch / steps_per_epoch, 4),
                               lr=lr, refactor_fallbacks=refl.stats.get("fallbacks", 0))
                 if losses["kind"] == "train":
                     losses["before"] = record["loss"] if losses["before"] is None else losses["before"]
                     losses["after"] = record["loss"]
-                if eval_set is not None and (step == total_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-                    record["eval_loss"] = evaluate_now()
-                    if step == total_steps:
-                        losses["after"] = record["eval_loss"]
-                metrics.write(_ordered(record))
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            elif eval_set is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                metrics.write({"step": step, "eval_loss": evaluate_now()})
+            periodic = cfg.eval_steps > 0 and step % cfg.eval_steps == 0
+            evaluated = eval_set is not None and (periodic or step == total_steps)
+            if evaluated:
+                scores = evaluate_now()
+                record.update(scores)
+                if step == total_steps:
+                    losses["after"], accuracy["after"] = scores["eval_loss"], scores.get("eval_accuracy")
+                if tracker is not None:
+                    tracker.consider(step, scores.get(tracker.metric))
+            if len(record) > 1:
+                metrics.write(_ordered(record))
             bar.update(1)
 
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                last_saved = save(losses)
+            # Tracking the best model saves at every evaluation, so that each one can be kept.
+            due = (cfg.save_steps and step % cfg.save_steps == 0) or (tracker is not None and evaluated)
+            if due and step < total_steps:
+                last_saved = save()
     bar.close()
 
     # 6. the end: save, export, draw (the final step was logged and evaluated) ---------
-    final = save(losses)
-    adapter = checkpoint.save_adapter(engine, output_dir)
-    summary = _summary("finished", position, total_steps, losses, output_dir, final, started)
+    final = save()
+    adapter = export.export_adapter(engine, output_dir / checkpoint.ADAPTER, base_model=source, run_config=cfg)
+    summary = _summary("finished", position, total_steps, losses, accuracy, _best_of(tracker), output_dir, final,
+                       started)
     if rank == 0:
         plot_loss(metrics.records(), output_dir / LOSS_PLOT)
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     metrics.close()
     log(f"adapter saved to {adapter}")
-    log(_before_after(losses))
+    log(_before_after(losses, accuracy, scored))
+    if tracker is not None and tracker.step is not None:
+        log(f"best checkpoint by {tracker.metric}: step {tracker.step} ({tracker.value:.4f}), "
+            f"{output_dir / tracker.checkpoint}; its adapter in {output_dir / BEST_ADAPTER}")
     return summary
 
 
@@ -318,6 +361,44 @@ def _describe_data(stats: dict, train_set, eval_set) -> str:
     return text + (f"; {len(eval_set)} evaluation samples" if eval_set is not None else "; no evaluation set")
 
 
+def accuracy_rows(cfg: RunConfig, eval_set) -> list[dict] | None:
+    """The evaluation rows to score for accuracy, or None when accuracy is off.
+
+    They are the rows behind the tokenized evaluation samples (source_row), in
+    the same order, the first eval_accuracy_limit of them. With eval_accuracy
+    null, accuracy is on when every one carries an answer label evaluate knows.
+    """
+    if eval_set is None or cfg.eval_accuracy is False:
+        return None
+    own_file = cfg.eval_data_path is not None
+    source = cfg.eval_data_path if own_file else cfg.data_path
+    rows = data.read_rows(source, "auto" if own_file else cfg.data_format,
+                          skip_malformed=cfg.skip_malformed_rows).rows
+    picked = [(i, rows[i]) for i in eval_set["source_row"]][:cfg.eval_accuracy_limit]
+    for index, row in picked:
+        problem = _label_problem(row)
+        if problem is None:
+            continue
+        if cfg.eval_accuracy or cfg.metric_for_best_model == "eval_accuracy":
+            raise DataError(f"eval_accuracy: {source or data.EMBEDDED_TRAIN}: row {index}: {problem} "
+                            "(set eval_accuracy: false to evaluate the loss only)")
+        return None
+    return [row for _, row in picked]
+
+
+def _label_problem(row: dict) -> str | None:
+    """Why a row cannot be scored for accuracy, or None if it can."""
+    from .evaluate import EvalError, label_format
+
+    if not row.get("answer"):
+        return "no answer label"
+    try:
+        label_format(row["answer"])
+    except EvalError as err:
+        return str(err)
+    return None
+
+
 def _schedule_length(cfg: RunConfig, n_train: int, world: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
     per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps
@@ -374,13 +455,36 @@ def _check_resumable(saved: dict, world: int, global_batch: int, cfg: RunConfig)
                           f"{saved['optimizer']!r}, this run uses {cfg.optimizer!r}")
 
 
-def _already_finished(saved: dict, path: Path, output_dir: Path, log) -> dict:
+def _resume_best(state: dict | None, cfg: RunConfig, output_dir: Path, rank: int, log) -> BestCheckpoint:
+    """The best record as of the checkpoint resumed from, with output_dir's best files brought in line.
+
+    The files can disagree with it after a crash between a save and their
+    update, or after resuming from an older checkpoint than the newest: the
+    record in the checkpoint wins. (From a stage-0 bf16 checkpoint the
+    re-exported adapter holds the bf16 weights: no fp32 master is stored by name.)
+    """
+    tracker = BestCheckpoint.restore(state, cfg.metric_for_best_model, cfg.greater_is_better)
+    if tracker.step is None:
+        return tracker
+    if not checkpoint.is_complete(output_dir / tracker.checkpoint):
+        log(f"the best checkpoint {tracker.checkpoint} is gone; the best is chosen afresh from here on")
+        return BestCheckpoint(cfg.metric_for_best_model, cfg.greater_is_better)
+    if rank == 0 and read_record(output_dir) != tracker.record():
+        export.export_from_checkpoint(output_dir / tracker.checkpoint, output_dir / BEST_ADAPTER, cfg)
+        tracker.write(output_dir)
+    return tracker
+
+
+def _already_finished(saved: dict, path: Path, output_dir: Path, log, scored: str | None) -> dict:
     position = Position(**saved["position"])
     losses = {"before": saved["loss_before"], "after": saved["loss_after"], "kind": saved["loss_kind"]}
+    accuracy = {"before": saved.get("accuracy_before"), "after": saved.get("accuracy_after")}
+    best = BestCheckpoint(**saved["best"]) if saved.get("best") else None
     log(f"{output_dir} already holds a finished run ({path}, step {position.global_step}); "
         "raise max_steps to train further, or choose another output_dir to start over")
-    log(_before_after(losses))
-    return _summary("already_finished", position, saved["total_steps"], losses, output_dir, path, time.time())
+    log(_before_after(losses, accuracy, scored))
+    return _summary("already_finished", position, saved["total_steps"], losses, accuracy, _best_of(best),
+                    output_dir, path, time.time())
 
 
 # --- 4. schedule ----------------------------------------------------------------------------
@@ -471,6 +575,35 @@ def evaluate(engine, eval_set, micro_batch_size: int, collate) -> float:
     return total / max(count, 1)
 
 
+def evaluate_accuracy(engine, tokenizer, rows: list[dict], cfg: RunConfig) -> float:
+    """Accuracy on labelled rows (evaluate.evaluate in eval_accuracy_mode), all ranks together.
+
+    Each rank scores its stride of the rows and all get the total; under
+    ZeRO-3 the ranks run their forwards in lockstep. Every module's mode is
+    restored afterwards, so training goes on in train mode (and 4-bit layers
+    never leave it: see evaluate.inference_mode).
+    """
+    from .evaluate import evaluate as score_rows
+
+    result = score_rows(engine, tokenizer, rows, modes=[cfg.eval_accuracy_mode], loss=False,
+                        batch_size=cfg.micro_batch_size, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                        template=cfg.prompt_template)
+    return result.accuracy[cfg.eval_accuracy_mode]
+
+
+def _describe_scores(scores: dict) -> str:
+    return ", ".join(f"{key.removeprefix('eval_')} {value:.4f}" for key, value in scores.items())
+
+
+def _publish_best(engine, tracker: BestCheckpoint, output_dir: Path, base_source: str, cfg: RunConfig,
+                  rank: int, log) -> None:
+    """A new best checkpoint: its adapter into best_adapter/, then best_checkpoint.json (call on all ranks)."""
+    export.export_adapter(engine, output_dir / BEST_ADAPTER, base_model=base_source, run_config=cfg)
+    if rank == 0:
+        tracker.write(output_dir)
+    log(f"new best {tracker.metric} {tracker.value:.4f} at step {tracker.step}")
+
+
 def _all_reduce_max(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -495,7 +628,7 @@ class _Window:
         return record
 
 
-_KEY_ORDER = ("step", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "refactor_fallbacks")
+_KEY_ORDER = ("step", "epoch", "loss", "eval_loss", "eval_accuracy", "lr", "tokens_per_s", "refactor_fallbacks")
 
 
 def _ordered(record: dict) -> dict:
@@ -531,8 +664,8 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar("eval/loss" if key == "eval_loss" else f"train/{key}", value,
-                                           record["step"])
+                    tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                    self.writer.add_scalar(tag, value, record["step"])
             self.writer.flush()
 
     def records(self) -> list[dict]:
@@ -583,17 +716,26 @@ def plot_loss(records: list[dict], path: Path) -> Path:
     return path
 
 
-def _before_after(losses: dict) -> str:
+def _before_after(losses: dict, accuracy: dict, scored: str | None) -> str:
+    """The closing lines: loss (and accuracy, with how it was scored) before and after training."""
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    return f"{losses['kind']} loss before → after: {fmt(losses['before'])} → {fmt(losses['after'])}"
+    text = f"{losses['kind']} loss before → after: {fmt(losses['before'])} → {fmt(losses['after'])}"
+    if accuracy["before"] is not None or accuracy["after"] is not None:
+        how = f" ({scored})" if scored else ""
+        text += f"\neval accuracy{how} before → after: {fmt(accuracy['before'])} → {fmt(accuracy['after'])}"
+    return text
+
+
+def _best_of(tracker: BestCheckpoint | None) -> dict | None:
+    return tracker.record() if tracker is not None and tracker.step is not None else None
 
 
 def _is_at(path: Path | None, step: int) -> bool:
     return path is not None and path.name == f"step-{step}"
 
 
-def _summary(status: str, position: Position, total_steps: int, losses: dict, output_dir: Path,
-             ckpt: Path | None, started: float) -> dict:
+def _summary(status: str, position: Position, total_steps: int, losses: dict, accuracy: dict, best: dict | None,
+             output_dir: Path, ckpt: Path | None, started: float) -> dict:
     return {
         "status": status,
         "global_step": position.global_step,
@@ -601,6 +743,9 @@ def _summary(status: str, position: Position, total_steps: int, losses: dict, ou
         "loss_kind": losses["kind"],
         "loss_before": losses["before"],
         "loss_after": losses["after"],
+        "accuracy_before": accuracy["before"],
+        "accuracy_after": accuracy["after"],
+        "best": best,
         "output_dir": str(output_dir),
         "checkpoint": str(ckpt) if ckpt else None,
         "adapter": str(output_dir / checkpoint.ADAPTER) if status != "preempted" else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from train_fixtures import (
 )
 
 from reflora_ds import checkpoint
+from reflora_ds.best import BestCheckpoint
 from reflora_ds.config import ConfigError
 
 # --- finding checkpoints ----------------------------------------------------------------------
@@ -48,6 +51,31 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert not (tmp_path / "checkpoints" / ".tmp-step-14").exists()
     checkpoint.prune(tmp_path, keep=1)
     assert [p.name for _, p in checkpoint.list_complete(tmp_path)] == ["step-10"]
+
+
+def test_pruning_spares_the_protected_checkpoint(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, f"step-{step}")
+    checkpoint.prune(tmp_path, keep=1, protect="checkpoints/step-2")
+    assert [p.name for _, p in checkpoint.list_complete(tmp_path)] == ["step-2", "step-4"]
+    checkpoint.prune(tmp_path, keep=1)
+    assert [p.name for _, p in checkpoint.list_complete(tmp_path)] == ["step-4"]
+
+
+def test_best_checkpoint_comparison():
+    lowest = BestCheckpoint("eval_loss", greater_is_better=False)
+    assert not lowest.consider(1, math.nan) and lowest.step is None  # a NaN never wins
+    assert lowest.consider(1, 2.0) and lowest.consider(2, 1.5)
+    assert not lowest.consider(3, 1.5)  # a tie keeps the earlier checkpoint
+    assert not lowest.consider(4, 1.7)
+    assert (lowest.step, lowest.value, lowest.checkpoint) == (2, 1.5, "checkpoints/step-2")
+    highest = BestCheckpoint("eval_accuracy", greater_is_better=True)
+    assert highest.consider(1, 0.25) and not highest.consider(2, 0.125) and highest.consider(3, 0.5)
+    assert highest.step == 3
+    # a record kept for another metric (or direction) does not carry over
+    assert BestCheckpoint.restore(lowest.state(), "eval_loss", False) == lowest
+    assert BestCheckpoint.restore(lowest.state(), "eval_accuracy", True).step is None
+    assert BestCheckpoint.restore(None, "eval_loss", False).step is None
 
 
 def test_resume_from_checkpoint_values(tmp_path):
@@ -168,3 +196,54 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes(env, tmp_path):
     assert f"at step {step}/{step + 2}" in result.output
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, step + 3))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- the best checkpoint across a resume ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def best_run(env):
+    """4 steps, evaluated and saved at every one, one checkpoint kept besides the best.
+
+    greater_is_better on the loss makes the highest evaluation loss the best: the
+    loss falls as training goes, so the best is an early checkpoint, which pruning
+    must spare and a resumed run must remember.
+    """
+    out = env["root"] / "best"
+    values = base_values(env["base"], env["data"], out, max_steps=4, eval_steps=1, save_steps=0,
+                         save_total_limit=1, metric_for_best_model="eval_loss", greater_is_better=True)
+    config = write_config(env["root"] / "best.yaml", **values)
+    result = run_cli(["train", config])
+    assert result.exit_code == 0, result.output
+    return {"config": config, "out": out, "record": json.loads((out / "best_checkpoint.json").read_text()),
+            "adapter": adapter_tensors(out, "best_adapter")}
+
+
+def test_an_early_best_checkpoint_survives_pruning(best_run):
+    out, record = best_run["out"], best_run["record"]
+    evals = {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r and r["step"] > 0}
+    best_step = max(evals, key=evals.get)
+    assert best_step < 4, f"the evaluation loss did not fall: {evals}"
+    assert (record["step"], record["value"], record["greater_is_better"]) == (best_step, evals[best_step], True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{best_step}", "step-4"]
+    final = adapter_tensors(out)
+    assert any(not torch.equal(best_run["adapter"][k], final[k]) for k in final)
+
+
+def test_resume_keeps_the_best_record(best_run):
+    """Extended from step 4 to 6: the record saved with step 4 still names the early best, and the
+    best files, deleted as if a crash had lost them, are restored from it."""
+    out, record = best_run["out"], best_run["record"]
+    (out / "best_checkpoint.json").unlink()
+    shutil.rmtree(out / "best_adapter")
+    result = run_cli(["train", best_run["config"], "--max-steps", "6"])
+    assert result.exit_code == 0, result.output
+    assert "at step 4/6" in result.output
+    assert json.loads((out / "best_checkpoint.json").read_text()) == record
+    restored = adapter_tensors(out, "best_adapter")
+    assert restored.keys() == best_run["adapter"].keys()
+    for key in restored:
+        torch.testing.assert_close(restored[key], best_run["adapter"][key], rtol=0, atol=0)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{record['step']}", "step-6"]
+    assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [0, 1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "summary.json").read_text())["best"] == record

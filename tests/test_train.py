@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -18,6 +19,8 @@ from train_fixtures import (
     write_config,
     write_rows,
 )
+
+from reflora_ds.config import RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,48 @@ def test_metrics_log_loss_lr_throughput_and_eval(full_run):
     assert records[-1]["eval_loss"] < records[0]["eval_loss"]
 
 
+def test_accuracy_is_scored_at_every_evaluation(full_run):
+    """The rows carry answer labels, so accuracy is on by default: at steps 0, 3 and 6, on all 6 held-out rows."""
+    _, out = full_run
+    records = metrics(out)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals if "eval_accuracy" in r] == [0, 3, 6]
+    assert not [r for r in records if "eval_accuracy" in r and "eval_loss" not in r]
+    for r in evals:
+        assert 0 <= r["eval_accuracy"] <= 1
+        assert r["eval_accuracy"] * 6 == pytest.approx(round(r["eval_accuracy"] * 6))  # k of the 6 rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy_before"] == evals[0]["eval_accuracy"]
+    assert summary["accuracy_after"] == evals[-1]["eval_accuracy"]
+    assert summary["best"] is None  # no metric_for_best_model
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 3, 6]
+
+
+def test_final_evaluation_matches_reflora_ds_eval_of_the_adapter(env, full_run):
+    """The held-out rows scored in training are the rows the loss is computed on: evaluating the
+    exported adapter on those rows (found independently of the trainer) gives the same loss and accuracy."""
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from reflora_ds.evaluate import evaluate
+    from reflora_ds.models import load_tokenizer
+
+    _, out = full_run
+    rows = make_rows(40)  # all fit in cutoff_len, so none is dropped before the split
+    held_out = [rows[i] for i in np.random.default_rng(7).permutation(len(rows))[:6]]  # data.split_validation
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), out / "adapter")
+    result = evaluate(model, load_tokenizer(env["base"]), held_out, modes=["likelihood"], batch_size=2)
+    last = metrics(out)[-1]
+    assert result.accuracy["likelihood"] == last["eval_accuracy"]
+    assert result.loss == pytest.approx(last["eval_loss"], rel=1e-5)
+
+
 def test_adapter_loads_into_peft_and_changes_the_model(env, full_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -125,6 +170,60 @@ def test_adapter_loads_into_peft_and_changes_the_model(env, full_run):
     model = PeftModel.from_pretrained(base, out / "adapter")
     loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert len(loaded) == len(tensors)
+
+
+def test_bf16_run_exports_the_fp32_masters(env):
+    """Under bf16 the model computes with bf16 copies; the adapter holds the fp32 masters DeepSpeed updates.
+
+    (The same run scores its accuracy in generate mode, on the first 4 held-out rows.)
+    """
+    path, out = config_for(env, "bf16", torch_dtype="bfloat16", max_steps=2, save_steps=0, eval_steps=0,
+                           eval_accuracy_mode="generate", eval_accuracy_limit=4)
+    result = run_cli(["train", path])
+    assert result.exit_code == 0, result.output
+    tensors = adapter_tensors(out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    trained = torch.cat([t.flatten() for k, t in tensors.items() if "lora_B" in k])
+    assert trained.abs().max() > 0
+    assert not torch.equal(trained, trained.bfloat16().float())  # not a bf16 value widened to fp32
+
+    accuracies = [r["eval_accuracy"] for r in metrics(out) if "eval_accuracy" in r]
+    assert len(accuracies) == 2 and all(a * 4 == round(a * 4) and 0 <= a <= 1 for a in accuracies)
+    assert "eval accuracy (generate, 4 rows) before → after" in result.output
+
+
+# --- the best checkpoint ---------------------------------------------------------------------
+
+
+def test_best_checkpoint_is_the_lowest_eval_loss_and_is_kept(env):
+    from reflora_ds.export import export_from_checkpoint, load_adapter_weights
+
+    path, out = config_for(env, "best", max_steps=4, eval_steps=1, save_steps=0, save_total_limit=1,
+                           metric_for_best_model="eval_loss")
+    result = run_cli(["train", path])
+    assert result.exit_code == 0, result.output
+    evals = {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r and r["step"] > 0}
+    assert sorted(evals) == [1, 2, 3, 4]
+    best_step = min(evals, key=evals.get)
+
+    record = json.loads((out / "best_checkpoint.json").read_text())
+    assert record == {"metric": "eval_loss", "greater_is_better": False, "step": best_step,
+                      "value": evals[best_step], "checkpoint": f"checkpoints/step-{best_step}",
+                      "adapter": "best_adapter"}
+    assert (out / record["checkpoint"] / "COMPLETE").is_file()
+    # save_total_limit=1: the newest checkpoint, and the best one besides
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {f"step-{best_step}", "step-4"}
+    assert json.loads((out / "summary.json").read_text())["best"] == record
+    assert f"best checkpoint by eval_loss: step {best_step}" in result.output
+
+    # best_adapter/ is the adapter of that checkpoint, as `reflora-ds export` writes it
+    from_ckpt = load_adapter_weights(export_from_checkpoint(out / record["checkpoint"], out / "check",
+                                                            RunConfig(base_model=str(env["base"]), lora_r=4,
+                                                                      lora_alpha=8)))
+    best = load_adapter_weights(out / "best_adapter")
+    assert best.keys() == from_ckpt.keys()
+    for key in best:
+        torch.testing.assert_close(best[key], from_ckpt[key], rtol=0, atol=0)
 
 
 # --- the loss is normalised over the global batch --------------------------------------------
@@ -203,6 +302,11 @@ def _fp16(env, root):
     return {"deepspeed": str(ds)}
 
 
+def _unlabelled(env, root):
+    rows = [{k: v for k, v in row.items() if k != "answer"} for row in make_rows(40)]
+    return {"data_path": str(write_rows(root / "plain.json", rows)), "eval_accuracy": True}
+
+
 CONFIG_ERRORS = {
     "unknown key": (lambda env, root: {"lora_rr": 8}, ["unknown key 'lora_rr'", "did you mean 'lora_r'"]),
     "4-bit under ZeRO-3 with uint8 storage": (
@@ -216,6 +320,18 @@ CONFIG_ERRORS = {
                         ["do not fill one global batch"]),
     "fp16": (_fp16, ["fp16 is not supported"]),
     "unknown deepspeed preset": (lambda env, root: {"deepspeed": "zero4"}, ["zero4", "did you mean"]),
+    "best model without periodic evaluations": (
+        lambda env, root: {"metric_for_best_model": "eval_loss", "eval_steps": 0},
+        ["metric_for_best_model", "eval_steps > 0", "saved at every evaluation"]),
+    "best model without an evaluation set": (
+        lambda env, root: {"metric_for_best_model": "eval_loss", "val_set_size": 0},
+        ["metric_for_best_model", "evaluation set"]),
+    "best accuracy with accuracy off": (
+        lambda env, root: {"metric_for_best_model": "eval_accuracy", "eval_accuracy": False},
+        ["metric_for_best_model", "eval_accuracy"]),
+    "accuracy of rows without labels": (_unlabelled, ["eval_accuracy", "plain.json", "no answer label"]),
+    "accuracy without an evaluation set": (lambda env, root: {"eval_accuracy": True, "val_set_size": 0},
+                                           ["eval_accuracy", "no evaluation set"]),
 }
 
 

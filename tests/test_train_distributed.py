@@ -4,8 +4,8 @@ One launch (``deepspeed --num_gpus 2 --module reflora_ds train CONFIG``) is
 checked against its 1-rank twin (same global batch, ZeRO-3, in this process):
 the same loss curve, eval losses and final adapter. The launch also shows that
 the launcher's ``--local_rank`` argument is accepted, that only rank 0 prints
-and writes metrics, that evaluation with uneven shards does not hang under
-ZeRO-3, and that checkpoints hold both ranks' shards and RNG streams.
+and writes metrics, that evaluation (loss and accuracy) with uneven shards does
+not hang under ZeRO-3, and that checkpoints hold both ranks' shards and RNG streams.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_two_ranks_match_their_one_rank_twin(runs):
     assert runs["launch"].returncode == 0, runs["launch"].stderr[-4000:]
     assert runs["twin"].exit_code == 0, runs["twin"].output
     two, one = metrics(runs["two"]), metrics(runs["one"])
-    for key in ("loss", "eval_loss", "lr"):
+    for key in ("loss", "eval_loss", "eval_accuracy", "lr"):
         curve = lambda records: [r[key] for r in records if key in r]  # noqa: E731
         assert [r["step"] for r in two if key in r] == [r["step"] for r in one if key in r]
         assert curve(two) == pytest.approx(curve(one), rel=1e-5), key

@@ -57,10 +57,11 @@ def run_cli(args: list[str]):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def adapter_tensors(output_dir: Path) -> dict:
+def adapter_tensors(output_dir: Path, name: str = "adapter") -> dict:
+    """The tensors of a run's final adapter (or of another adapter folder in output_dir, e.g. best_adapter)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(output_dir) / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(Path(output_dir) / name / "adapter_model.safetensors"))
 
 
 def metrics(output_dir: Path) -> list[dict]:
