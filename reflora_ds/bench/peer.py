@@ -1,0 +1,234 @@
+"""Suite ``peer``: training throughput of ``reflora-ds train`` against the Hugging Face Trainer with PEFT LoRA.
+
+Three contenders on the same base, LoRA configuration, tokenized data,
+micro-batch and sequence length, all in this one process:
+
+* ``reflora_ds lora`` and ``reflora_ds reflora``: ``reflora_ds.train.train``
+  (the loop behind ``reflora-ds train``: DeepSpeed engine, ZeRO-0, one rank);
+* ``hf_trainer lora``: ``transformers.Trainer`` on the same PEFT model and
+  the same ``PadCollator``, AdamW (torch), same clipping, no evaluation and
+  no saving.
+
+Every sample is truncated to exactly ``cutoff_len`` tokens (the texts are
+longer), so a step is ``batch × cutoff_len`` tokens in every contender and
+padding plays no part.  Throughput is measured per optimizer step, around
+forward, backward and the optimizer step (the trainer's own ``tokens_per_s``
+log with ``logging_steps: 1``; a callback between ``on_step_begin`` and
+``on_step_end`` for the HF Trainer), first steps dropped.  Rounds run the
+three in a rotating order; the per-round ratio to the HF Trainer is the
+measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .common import (
+    bbc_dir,
+    machine,
+    payload,
+    print_table,
+    print_targets,
+    pyplot,
+    quartiles,
+    save_figure,
+    target,
+    write_json,
+)
+
+CONTENDERS = ("reflora_ds lora", "reflora_ds reflora", "hf_trainer lora")
+RANK = 32
+LR = 1e-4
+DROP_FIRST = 2  # steps before the timing starts (allocation, first-step caches)
+
+
+def training_rows(n: int, min_chars: int) -> list[dict]:
+    """Alpaca rows whose outputs are long real texts (BBC articles, else ARC-Easy questions joined)."""
+    if bbc_dir() is not None:
+        from .common import bbc_articles
+
+        texts = [text for _, text in bbc_articles()]
+    else:
+        from ..data import EMBEDDED_TRAIN, read_rows
+
+        rows = [r["instruction"] for r in read_rows(EMBEDDED_TRAIN).rows]
+        texts = [" ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)]
+    texts = [t for t in texts if len(t) >= min_chars]
+    return [{"instruction": "Continue this news article.", "input": "", "output": t} for t in texts[:n]]
+
+
+def run_config(tmp: Path, name: str, base_model: str | None, data: Path, shape: dict, seed: int, dtype: str):
+    from ..config import RunConfig
+
+    method = name.split()[1]
+    return RunConfig(
+        base_model=base_model, data_path=str(data), torch_dtype=dtype, cutoff_len=shape["seq_len"], lora_r=RANK, lora_alpha=2 * RANK,
+        lora_dropout=0.05, optimizer=method, refactor_warmup=1, learning_rate=LR, lr_scheduler="constant",
+        warmup_steps=0, micro_batch_size=shape["batch"], gradient_accumulation_steps=1, max_steps=shape["steps"],
+        logging_steps=1, eval_steps=0, save_steps=0, report_to=["jsonl"], resume_from_checkpoint=None,
+        output_dir=str(tmp / f"{name.replace(' ', '_')}_{seed}"), seed=seed,
+    )
+
+
+def reflora_ds_run(cfg) -> list[float]:
+    """Tokens/s of each optimizer step of one ``train`` run."""
+    from ..train import METRICS_FILE, train
+
+    train(cfg)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / METRICS_FILE).read_text().splitlines()]
+    return [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+
+
+@contextlib.contextmanager
+def single_process_env():
+    """Hide the launcher variables ``train`` set: with them the HF Trainer would wrap the model in DDP."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def hf_trainer_run(cfg, tokens_per_step: int) -> list[float]:
+    """Tokens/s of each optimizer step of the HF Trainer on the same model, data and batch."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from .. import models
+    from ..data import PadCollator, preprocess
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self._tic = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._tic = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self._tic)
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = models.load_base_model(cfg)
+    model = models.wrap_with_lora(model, cfg)
+    data = preprocess(cfg.data_path, tokenizer, cutoff_len=cfg.cutoff_len).dataset
+    clock = StepClock()
+    with single_process_env():
+        args = TrainingArguments(
+            output_dir=cfg.output_dir, per_device_train_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=1, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
+            max_grad_norm=cfg.max_grad_norm, logging_steps=10 ** 6, save_strategy="no", eval_strategy="no",
+            report_to=[], use_cpu=not torch.cuda.is_available(), bf16=cfg.torch_dtype == "bfloat16",
+            dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id),
+                          callbacks=[clock])
+        trainer.train()
+    return [tokens_per_step / s for s in clock.seconds]
+
+
+def check_fixed_length(cfg) -> int:
+    """Every training sample must be exactly cutoff_len tokens: then a step's tokens are known."""
+    from .. import models
+    from ..data import preprocess
+
+    tokenizer = models.load_tokenizer(models.resolve_base(cfg))
+    lengths = {len(ids) for ids in preprocess(cfg.data_path, tokenizer, cutoff_len=cfg.cutoff_len).dataset["input_ids"]}
+    if lengths != {cfg.cutoff_len}:
+        raise RuntimeError(f"peer data: samples of lengths {sorted(lengths)[:5]}..., not all {cfg.cutoff_len}")
+    return cfg.micro_batch_size * cfg.cutoff_len
+
+
+def run(out, quick: bool) -> dict:
+    # The tiny tokenizer spends ~70 tokens on the prompt template: quick sequences are longer.
+    shape = dict(batch=2, seq_len=96, steps=5) if quick else dict(batch=4, seq_len=128, steps=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        base_model = None
+        if quick:
+            from ..models import tiny_llama
+
+            tiny_llama(Path(tmp) / "tiny", seed=0)
+            base_model = str(Path(tmp) / "tiny")
+        return suite(out, "peer", quick, base_model, shape, rounds=1 if quick else 3, dtype="float32",
+                     model_name="tiny random LLaMA" if quick else "SmolLM2-135M-Instruct (fp32)")
+
+
+def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, rounds: int, dtype: str,
+          model_name: str) -> dict:
+    """Interleaved rounds of the three contenders; writes ``name``.json / .png and prints the table."""
+    from ..train import quiet_libraries
+
+    started = time.perf_counter()
+    info = machine()
+    quiet_libraries()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "peer.json"
+        # Texts long enough to fill seq_len tokens after the prompt (about 4 characters a token).
+        data.write_text(json.dumps(training_rows(shape["batch"] * shape["steps"] * 2, 6 * shape["seq_len"])))
+        tokens = check_fixed_length(run_config(tmp, CONTENDERS[0], base_model, data, shape, 0, dtype))
+        per_round: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+        all_steps: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+        for k in range(rounds):
+            order = CONTENDERS[k % 3:] + CONTENDERS[:k % 3]
+            for contender in order:
+                cfg = run_config(tmp, contender, base_model, data, shape, k, dtype)
+                steps = hf_trainer_run(cfg, tokens) if contender.startswith("hf") else reflora_ds_run(cfg)
+                timed = steps[DROP_FIRST:]
+                all_steps[contender] += timed
+                per_round[contender].append(statistics.median(timed))
+                print(f"round {k} {contender}: {statistics.median(timed):.1f} tokens/s", flush=True)
+    hf = per_round["hf_trainer lora"]
+    ratios = {c: [a / b for a, b in zip(per_round[c], hf)] for c in CONTENDERS[:2]}
+    results = {
+        "tokens_per_step": tokens, "rounds": rounds,
+        "tokens_per_s": {c: quartiles(v) for c, v in all_steps.items()},
+        "round_medians": per_round,
+        "ratio_to_hf_trainer": {c: quartiles(v) for c, v in ratios.items()},
+        "raw_step_tokens_per_s": all_steps,
+    }
+    targets = [target(f"{c} / HF Trainer tokens/s (median of rounds)", statistics.median(ratios[c]), 1.0,
+                      at_most=False) for c in CONTENDERS[:2]]
+    config = {"model": model_name, "dtype": dtype, "r": RANK,
+              "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "targets": "q,k,v,up,down", "lr": LR,
+              "max_grad_norm": 1.0, "micro_batch": shape["batch"], "seq_len": shape["seq_len"],
+              "steps_per_run": shape["steps"], "timed_steps_per_run": shape["steps"] - DROP_FIRST,
+              "reflora_ds": "train.train, DeepSpeed ZeRO-0, one rank", "hf": "transformers.Trainer + PEFT LoRA",
+              "data": "BBC News articles as Alpaca outputs, truncated to seq_len" if bbc_dir() else "ARC-Easy text"}
+    record = payload(name, quick, config, results, targets, started, info)
+    write_json(out, name, record)
+    plot(results, out, name)
+    report(results, targets)
+    return record
+
+
+def report(results: dict, targets: list[dict]) -> None:
+    rows = []
+    for name in CONTENDERS:
+        t = results["tokens_per_s"][name]
+        r = results["ratio_to_hf_trainer"].get(name)
+        rows.append([name, t["median"], f"{t['q25']:.1f}-{t['q75']:.1f}", t["n"],
+                     f"{r['median']:.3f} ({r['q25']:.3f}-{r['q75']:.3f})" if r else "1"])
+    print_table(f"training throughput, {results['tokens_per_step']} tokens per step, {results['rounds']} rounds",
+                ["contender", "tokens/s (median step)", "quartiles", "steps", "ratio to HF Trainer (rounds)"], rows)
+    print_targets(targets)
+
+
+def plot(results: dict, out, name: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    data = [results["raw_step_tokens_per_s"][n] for n in CONTENDERS]
+    ax.boxplot(data, tick_labels=[n.replace(" ", "\n") for n in CONTENDERS])
+    ax.set_ylabel("tokens/s per optimizer step")
+    ax.set_title(f"{results['tokens_per_step']} tokens per step, {results['rounds']} interleaved rounds", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, out, name)

@@ -1,0 +1,141 @@
+"""Every benchmark suite's --quick version runs and writes sane JSON and a plot (no timing assertions).
+
+Each suite runs in its own process, as a user would run it: the suites start
+DeepSpeed (which sets launcher variables) and child processes, none of which
+may leak into other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Not yet part of the default run (several minutes on 2 cores): `pytest -m bench`.
+pytestmark = pytest.mark.bench
+
+ROOT = Path(__file__).resolve().parent.parent
+_WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_quick(suite: str, tmp_path: Path) -> dict:
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARS}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", REFLORA_DS_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "reflora_ds", "bench", suite, "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert proc.returncode == 0, f"{suite}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads((out / f"{suite}.json").read_text()), out
+
+
+def check_common(record: dict, suite: str, out: Path, png: str | None = None) -> None:
+    assert record["suite"] == suite and record["quick"] is True
+    assert {"machine", "config", "results", "targets", "seconds"} <= set(record)
+    assert record["machine"]["versions"]["torch"]
+    for t in record["targets"]:
+        assert {"name", "value", "limit", "direction", "met"} <= set(t)
+        assert t["met"] in (True, False, None)
+    png_path = out / f"{png or suite}.png"
+    assert 1_000 < png_path.stat().st_size < 300_000
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_overhead_quick(tmp_path):
+    record, out = run_quick("overhead", tmp_path)
+    check_common(record, "overhead", out)
+    step, ref = record["results"]["step"], record["results"]["refactor"]
+    for clock in ("wall", "cpu"):
+        for method in ("lora", "reflora", "reflora_s"):
+            assert finite_positive(step["step_seconds"][clock][method]["median"])
+        assert finite_positive(step["ratio"][clock]["reflora"]["median"])
+    assert all(finite_positive(v) for v in step["component_ratio"].values())
+    assert ref["shape"]["modules"] == 10 and ref["fallbacks"] == 0
+    assert all(finite_positive(v["median"]) for v in ref["seconds"].values())
+    assert ref["prototype_max_rel_diff_S"] < 1e-6  # the no-copy Grams give the same refactor
+    assert len(record["targets"]) == 5
+
+
+def test_convergence_quick(tmp_path):
+    record, out = run_quick("convergence", tmp_path)
+    check_common(record, "convergence", out)
+    results = record["results"]
+    assert "arc_easy" in results
+    for task, res in results.items():
+        plan = record["config"][task]
+        runs = res["runs"]
+        assert len(runs) == 6 * len(plan["lrs"]) * len(plan["seeds"])
+        assert {r["method"] for r in runs} == {"lora", "loraplus", "scaledgd", "dora", "reflora", "reflora_s"}
+        assert finite_positive(res["start"]["loss"])
+        for r in runs:
+            assert r["curve"][0]["step"] == 0 and len(r["train_loss"]) >= 1
+            if not r["diverged"]:
+                assert r["curve"][-1]["step"] == plan["steps"]
+                assert 0.0 <= r["test"]["accuracy"] <= 1.0
+        summary = res["summary"]
+        assert set(summary["best_lr"]) == {r["method"] for r in runs}
+        assert "reflora" in summary["vs_lora_same_lr"]
+
+
+def test_memory_quick(tmp_path):
+    record, out = run_quick("memory", tmp_path)
+    check_common(record, "memory", out)
+    runs = record["results"]["runs"]
+    assert set(runs) == {"fp32", "bf16", "nf4"}
+    fp32, bf16, nf4 = (runs[k]["weights"] for k in ("fp32", "bf16", "nf4"))
+    assert fp32["linear"] == 2 * bf16["linear"] == 2 * fp32["linear_16bit"]
+    assert nf4["quantized_layers"] > 0
+    assert 0.2 < record["results"]["ratios"]["nf4_linear_vs_16bit"] < 0.35  # 4 bits + block scales
+    for r in runs.values():
+        assert r["peak_rss"] >= r["rss_after_load"] > 0
+        assert all(math.isfinite(x) for x in r["losses"])
+        assert r["lora_grad_norms"][0] > 0  # the 4-bit base trains (DESIGN §2: train mode first)
+
+
+@pytest.mark.distributed
+def test_zero_quick(tmp_path):
+    record, out = run_quick("zero", tmp_path)
+    check_common(record, "zero", out)
+    res = record["results"]
+    assert res["errors"] == 0
+    assert res["summary"]["stage0"]["world2_vs_world1"] == pytest.approx(1.0, rel=0.01)
+    for stage in (1, 2, 3):
+        assert res["summary"][f"stage{stage}"]["world2_vs_world1"] == pytest.approx(0.5, rel=0.05)
+    comm = res["comm"]
+    assert comm["default_threshold"]["per_rank_bytes_per_step"] == [0, 0]  # small factors stay gathered
+    assert all(b > 0 for b in comm["threshold_0"]["per_rank_bytes_per_step"])
+    assert comm["lora_method_threshold_0"] == [0, 0]
+
+
+def test_peer_quick(tmp_path):
+    record, out = run_quick("peer", tmp_path)
+    check_common(record, "peer", out)
+    res = record["results"]
+    assert set(res["tokens_per_s"]) == {"reflora_ds lora", "reflora_ds reflora", "hf_trainer lora"}
+    assert all(finite_positive(v["median"]) for v in res["tokens_per_s"].values())
+    assert res["tokens_per_step"] == record["config"]["micro_batch"] * record["config"]["seq_len"]
+
+
+def test_gpu_script_quick_on_cpu(tmp_path):
+    record, out = run_quick("gpu", tmp_path)
+    assert record["suite"] == "gpu" and record["results"]["parts_skipped"] == []
+    assert record["results"]["parts_done"] == ["gpu_overhead", "gpu_convergence", "gpu_peer"]
+    for part in record["results"]["parts_done"]:
+        check_common(json.loads((out / f"{part}.json").read_text()), part, out)
+
+
+def test_unknown_suite_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from reflora_ds.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "nonsense", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "overhead" in result.output
