@@ -352,17 +352,29 @@ def merge(
 
 @app.command()
 def bench(
-    suite: str = typer.Argument(..., help="overhead, convergence, memory, zero, peer or gpu."),
+    suite: str = typer.Argument(..., help="overhead, convergence, memory, zero, peer or gpu; or report (rewrite "
+                                           "BENCHMARKS.md's sections from the JSON files in --out)."),
     quick: bool = typer.Option(False, "--quick", help="Tiny random model, few steps: a smoke test of under a minute."),
-    out: Path = typer.Option(Path("bench_results"), "--out", help="Folder for SUITE.json and SUITE.png."),
+    out: Path = typer.Option(Path("bench_results"), "--out", help="Folder for SUITE.json, SUITE.png and SUITE.md."),
+    md: Path = typer.Option(Path("BENCHMARKS.md"), "--md", help="The file `report` updates between its "
+                                                                "<!-- bench:SUITE --> markers."),
 ):
-    """Run a benchmark suite (see BENCHMARKS.md): it prints its table and writes JSON and a plot into --out."""
+    """Run a benchmark suite (see BENCHMARKS.md): it prints its table and writes JSON, a plot and its
+    BENCHMARKS.md section into --out."""
     from .bench import SUITES, run_suite
 
+    if suite == "report":
+        from .bench.markdown import update_benchmarks
+
+        if not md.is_file():
+            _fail(FileNotFoundError(f"--md {md} does not exist; run from the repository root or pass --md"))
+        updated = update_benchmarks(out, md)
+        typer.echo(f"updated {md}: {', '.join(updated) or 'no marked section had a JSON in ' + str(out)}")
+        return
     if suite not in SUITES:
-        _fail(ValueError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)}"))
+        _fail(ValueError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)} (or report)"))
     run_suite(suite, out, quick)
-    typer.echo(f"wrote {out / (suite + '.json')}")
+    typer.echo(f"wrote {out / (suite + '.json')} and {out / (suite + '.md')}")
 
 
 def main():  # pragma: no cover

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-# Not yet part of the default run (several minutes on 2 cores): `pytest -m bench`.
+# Selectable on their own: `pytest -m bench`.
 pytestmark = pytest.mark.bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,9 @@ def check_common(record: dict, suite: str, out: Path, png: str | None = None) ->
         assert t["met"] in (True, False, None)
     png_path = out / f"{png or suite}.png"
     assert 1_000 < png_path.stat().st_size < 300_000
+    section = (out / f"{png or suite}.md").read_text()  # its BENCHMARKS.md section, rendered from the JSON
+    assert f"reflora-ds bench {record['suite']} --quick" in section and f"![{png or suite}]" in section
+    assert "\n| " in section  # at least one table
 
 
 def finite_positive(x) -> bool:
@@ -139,3 +142,4 @@ def test_unknown_suite_is_refused(tmp_path):
 
     result = CliRunner().invoke(app, ["bench", "nonsense", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "overhead" in result.output
+

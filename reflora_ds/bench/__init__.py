@@ -3,8 +3,10 @@
 Each suite is one module with ``run(out: Path, quick: bool) -> dict``: it
 writes ``<suite>.json`` (and a ``<suite>.png`` plot, except ``gpu`` which
 writes its own files) into ``out``, prints its table and returns the JSON
-payload.  ``--quick`` swaps SmolLM2 for a tiny random LLaMA and cuts the step
-counts, so every suite finishes in well under a minute (the CI smoke test).
+payload; ``run_suite`` then renders each JSON's BENCHMARKS.md section as
+``<suite>.md`` beside it (``reflora-ds bench report`` splices them in).
+``--quick`` swaps SmolLM2 for a tiny random LLaMA and cuts the step counts, so
+every suite finishes in well under a minute (the CI smoke test).
 
 Modules are imported only when their suite runs: the suites pull in
 DeepSpeed, bitsandbytes and the HF Trainer, which the rest of the CLI does
@@ -14,6 +16,7 @@ not need.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 # Suite name -> module, in the order BENCHMARKS.md presents them.
@@ -36,4 +39,10 @@ def run_suite(name: str, out: Path = DEFAULT_OUT, quick: bool = False) -> dict:
     module = importlib.import_module(SUITES[name])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return module.run(out, quick)
+    record = module.run(out, quick)
+    from .markdown import section
+
+    for path in [out / f"{name}.json", *(out / f"{part}.json" for part in record["results"].get("parts_done", []))]:
+        part = json.loads(path.read_text())
+        (out / f"{path.stem}.md").write_text(section(path.stem, part, "."))
+    return record

@@ -8,6 +8,7 @@ median with the quartiles as the noise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -258,7 +259,24 @@ def save_figure(fig, out: Path, name: str) -> Path:
     return path
 
 
+_captured: list | None = None
+
+
+@contextlib.contextmanager
+def capture_tables():
+    """Collect what ``print_table`` prints, as (title, columns, rows), instead of printing it."""
+    global _captured
+    _captured = []
+    try:
+        yield _captured
+    finally:
+        _captured = None
+
+
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    if _captured is not None:
+        _captured.append((title, list(columns), [list(r) for r in rows]))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -266,11 +284,11 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for col in columns:
         table.add_column(col, justify="right" if col != columns[0] else "left")
     for row in rows:
-        table.add_row(*[_cell(v) for v in row])
+        table.add_row(*[cell(v) for v in row])
     Console(width=160).print(table)
 
 
-def _cell(value) -> str:
+def cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):

@@ -135,6 +135,11 @@ def run(out, quick: bool) -> dict:
     return record
 
 
+def show(record: dict) -> None:
+    """The parts have their own sections (gpu_overhead, gpu_convergence, gpu_peer); this one has the verdicts."""
+    print_targets(record["targets"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_results")

@@ -194,6 +194,11 @@ def run(out, quick: bool) -> dict:
     return record
 
 
+def show(record: dict) -> None:
+    """Print the tables of a finished run from its JSON record."""
+    report(record["results"]["runs"], record["results"], record["targets"])
+
+
 def report(runs: dict, results: dict, targets: list[dict]) -> None:
     rows = []
     for name, r in runs.items():
@@ -204,7 +209,7 @@ def report(runs: dict, results: dict, targets: list[dict]) -> None:
     print_table("base weights as stored and resident memory (MiB)",
                 ["base", "linears", "linears @16-bit", "other", "total", "RSS baseline", "RSS loaded", "peak RSS",
                  "peak − baseline", "last loss"], rows)
-    print({k: round(v, 3) for k, v in results["ratios"].items()})
+    print_table("ratios", ["ratio", "value"], [[k, round(v, 3)] for k, v in results["ratios"].items()])
     print_targets(targets)
 
 

@@ -208,7 +208,7 @@ def refactor_times(As, Bs, shape: dict, rounds: int) -> dict:
 def run(out, quick: bool) -> dict:
     base, _ = base_model(quick)
     batch, seq = (4, 32) if quick else (4, 128)
-    return suite(out, "overhead", quick, base, batch=batch, seq=seq, rounds=3 if quick else 12,
+    return suite(out, "overhead", quick, base, batch=batch, seq=seq, rounds=3 if quick else 20,
                  factors=llama7b_factors(quick), refactor_rounds=3 if quick else 7,
                  model_name="tiny random LLaMA" if quick else "SmolLM2-135M-Instruct (fp32)")
 
@@ -244,6 +244,11 @@ def suite(out, name: str, quick: bool, base, *, batch: int, seq: int, rounds: in
     plot(steps, ref, out, name)
     report(steps, ref, targets)
     return result
+
+
+def show(record: dict) -> None:
+    """Print the tables of a finished run from its JSON record."""
+    report(record["results"]["step"], record["results"]["refactor"], record["targets"])
 
 
 def report(steps: dict, ref: dict, targets: list[dict]) -> None:

@@ -211,6 +211,11 @@ def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, roun
     return record
 
 
+def show(record: dict) -> None:
+    """Print the tables of a finished run from its JSON record."""
+    report(record["results"], record["targets"])
+
+
 def report(results: dict, targets: list[dict]) -> None:
     rows = []
     for name in CONTENDERS:
