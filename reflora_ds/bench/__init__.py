@@ -44,5 +44,5 @@ def run_suite(name: str, out: Path = DEFAULT_OUT, quick: bool = False) -> dict:
 
     for path in [out / f"{name}.json", *(out / f"{part}.json" for part in record["results"].get("parts_done", []))]:
         part = json.loads(path.read_text())
-        (out / f"{path.stem}.md").write_text(section(path.stem, part, "."))
+        (out / f"{path.stem}.md").write_text(section(part, "."))
     return record

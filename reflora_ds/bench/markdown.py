@@ -31,7 +31,7 @@ def tables_of(suite: str, record: dict) -> list[tuple[str, list[str], list[list]
     return [t for t in captured if t[0] != "targets"]
 
 
-def section(suite: str, record: dict, results_dir: str = "bench_results") -> str:
+def section(record: dict, results_dir: str = "bench_results") -> str:
     m = record["machine"]
     load = f"load {m.get('load_average_1min')} → {m.get('load_average_1min_end')}"
     lines = [
@@ -71,7 +71,7 @@ def update_benchmarks(results_dir: Path, md_path: Path) -> list[str]:
     """Regenerate every marked section of ``md_path`` whose ``SUITE.json`` is in ``results_dir``.
 
     Returns the suites updated.  A marker pair without a JSON is left as it
-    is; a JSON without a marker pair is reported, not appended (where a
+    is; a JSON without a marker pair is skipped, not appended (where a
     section goes is an editorial choice).
     """
     text = md_path.read_text()
@@ -82,7 +82,7 @@ def update_benchmarks(results_dir: Path, md_path: Path) -> list[str]:
         if not pattern.search(text):
             continue
         record = json.loads(path.read_text())
-        body = section(suite, record, os.path.relpath(results_dir, md_path.parent))
+        body = section(record, os.path.relpath(results_dir, md_path.parent))
         text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
         updated.append(suite)
     tmp = md_path.with_suffix(".md.tmp")

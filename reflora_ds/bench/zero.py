@@ -236,6 +236,17 @@ def show(record: dict) -> None:
     report(record["results"]["rows"], record["results"]["comm"], record["targets"])
 
 
+def traffic(comm: dict) -> list[tuple[str, int]]:
+    """RefLoRA's ZeRO-3 gather per rank and step beside the LoRA state it moves, in bytes."""
+    return [("LoRA parameters (fp32)", comm["lora_param_bytes"] or 0),
+            ("LoRA Adam state", comm["lora_adam_state_bytes"] or 0),
+            ("RefLoRA gather per rank and step, default persistence threshold",
+             max(comm["default_threshold"]["per_rank_bytes_per_step"], default=0)),
+            ("RefLoRA gather per rank and step, threshold 0",
+             max(comm["threshold_0"]["per_rank_bytes_per_step"], default=0)),
+            ("LoRA, threshold 0 (nothing gathered by the method)", max(comm["lora_method_threshold_0"], default=0))]
+
+
 def report(rows: list[dict], comm: dict, targets: list[dict]) -> None:
     table = [[r["world"], r["case"], r["rank"], r["adam_moment_bytes"] / MB, r["master_param_bytes"] / MB,
               r["optimizer_state_bytes"] / MB, r["last_comm_bytes"] / MB, r["engine_optimizer"]]
@@ -243,14 +254,7 @@ def report(rows: list[dict], comm: dict, targets: list[dict]) -> None:
     print_table("optimizer state per rank (MiB) and LoRA bytes gathered for the last refactor",
                 ["world", "case", "rank", "Adam moments", "fp32 masters", "total", "gathered/step", "engine optimizer"],
                 table)
-    gathered = [["LoRA parameters (fp32)", comm["lora_param_bytes"] / MB],
-                ["LoRA Adam state", comm["lora_adam_state_bytes"] / MB],
-                ["RefLoRA gather per rank and step, default persistence threshold",
-                 max(comm["default_threshold"]["per_rank_bytes_per_step"], default=0) / MB],
-                ["RefLoRA gather per rank and step, threshold 0", max(comm["threshold_0"]["per_rank_bytes_per_step"],
-                                                                     default=0) / MB],
-                ["LoRA, threshold 0 (nothing gathered by the method)", max(comm["lora_method_threshold_0"],
-                                                                           default=0) / MB]]
+    gathered = [[label, value / MB] for label, value in traffic(comm)]
     print_table("ZeRO-3, world size 2: RefLoRA's extra traffic against the LoRA state (MiB)", ["what", "MiB"], gathered)
     print_targets(targets)
 
@@ -272,9 +276,7 @@ def plot(rows: list[dict], comm: dict, out) -> None:
     ax1.legend(fontsize=8)
     labels = ["LoRA factors\n(fp32)", "their Adam\nstate", "RefLoRA gather\nthreshold default",
               "RefLoRA gather\nthreshold 0"]
-    vals = [comm["lora_param_bytes"] or 0, comm["lora_adam_state_bytes"] or 0,
-            max(comm["default_threshold"]["per_rank_bytes_per_step"], default=0),
-            max(comm["threshold_0"]["per_rank_bytes_per_step"], default=0)]
+    vals = [value for _, value in traffic(comm)[:4]]
     bars = ax2.bar(range(4), [v / MB for v in vals], color=["C7", "C7", "C2", "C3"])
     ax2.bar_label(bars, [f"{v / MB:.1f}" for v in vals], fontsize=8)
     ax2.set_xticks(range(4), labels, fontsize=8)
