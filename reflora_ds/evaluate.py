@@ -309,16 +309,31 @@ def score_generate(
 # --- likelihood of each option ------------------------------------------------------
 
 
-def _sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log p(token) over the positions whose label is not IGNORE_INDEX, per row."""
+def response_logprobs(model, batch: dict[str, torch.Tensor],
+                      alternatives: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, list[list[float]] | None]:
+    """Per row, the summed log p(token) over the positions whose label is not IGNORE_INDEX.
+
+    With ``alternatives`` (token ids per row), also log p of each of them at
+    the row's last labelled position, in place of the token there; the sum
+    then leaves that last token out. One forward scores a row's options that
+    share all but their last token: option k scores ``sum + alternatives[k]``.
+    """
     device = _device(model)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     logits = logits[:, :-1].float()
+    norm = logits.logsumexp(-1)
     targets = batch["labels"][:, 1:].to(logits.device)
     mask = targets != IGNORE_INDEX
-    safe = targets.masked_fill(~mask, 0)
-    token_logp = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logp * mask).sum(-1)
+    token_logp = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1) - norm
+    token_logp = token_logp * mask
+    if alternatives is None:
+        return token_logp.sum(-1), None
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).argmax(-1)  # the last labelled position of each row
+    rows = torch.arange(len(last), device=last.device)
+    prefix = token_logp.sum(-1) - token_logp[rows, last]
+    alt = [(logits[b, last[b], list(ids)] - norm[b, last[b]]).tolist() for b, ids in enumerate(alternatives)]
+    return prefix, alt
 
 
 def _option_samples(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
@@ -339,31 +354,57 @@ def _option_samples(questions: Sequence[Question], tokenizer, template: str) -> 
     return samples
 
 
+def _option_sequences(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
+    """What to run forwards on: one sequence per question whose options differ only in their
+    last token (each option read off its last position), else one per option.
+
+    Each sequence carries ``options``: (label, last token id) pairs it scores.
+    """
+    by_question: dict[int, list[dict]] = {}
+    for sample in _option_samples(questions, tokenizer, template):
+        by_question.setdefault(sample["index"], []).append(sample)
+    sequences = []
+    for samples in by_question.values():
+        first = samples[0]
+        shared = all(len(s["input_ids"]) == len(first["input_ids"]) and s["input_ids"][:-1] == first["input_ids"][:-1]
+                     and s["labels"][-1] != IGNORE_INDEX for s in samples)
+        groups = [samples] if shared else [[s] for s in samples]
+        for group in groups:
+            sequences.append({"index": first["index"], "input_ids": group[0]["input_ids"],
+                              "labels": group[0]["labels"],
+                              "options": [(s["label"], s["input_ids"][-1]) for s in group]})
+    return sequences
+
+
 def score_likelihood(
     model, tokenizer, questions: Sequence[Question], *, batch_size: int = 8, template: str = "alpaca",
     dummy: Question | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """One record per question: each label's log-likelihood, the best label, and correctness.
 
-    batch_size counts sequences (question × label). Right padding with an
-    attention mask leaves every real token's logits as without padding.
+    Options that differ only in their last token (every LLM-Adapters label
+    format with a LLaMA tokenizer) share one forward; others get one each.
+    batch_size counts sequences. Right padding with an attention mask leaves
+    every real token's logits as without padding.
     """
     model = unwrap(model)
     lockstep = _partitioned(model) and rank_and_world()[1] > 1
     collate = PadCollator(tokenizer.pad_token_id)
     # Similar lengths side by side waste less compute on padding; scores are keyed, so order is free.
-    samples = sorted(_option_samples(questions, tokenizer, template), key=lambda x: len(x["input_ids"]))
+    sequences = sorted(_option_sequences(questions, tokenizer, template), key=lambda x: len(x["input_ids"]))
     scores: dict[int, dict[str, float]] = {q.index: {} for q in questions}
     with inference_mode(model):
-        for batch, real in _batches_in_lockstep(samples, batch_size, lockstep):
+        for batch, real in _batches_in_lockstep(sequences, batch_size, lockstep):
             if not real:
-                _sequence_logprobs(model, collate(_option_samples([dummy or questions[0]], tokenizer, template)[:1]))
+                response_logprobs(model, collate(_option_samples([dummy or questions[0]], tokenizer, template)[:1]))
                 continue
-            logp = _sequence_logprobs(model, collate(batch))
-            for sample, value in zip(batch, logp.tolist()):
-                scores[sample["index"]][sample["label"]] = value
+            prefix, alternatives = response_logprobs(model, collate(batch), [[t for _, t in s["options"]]
+                                                                            for s in batch])
+            for sequence, base, alt in zip(batch, prefix.tolist(), alternatives):
+                for (label, _), value in zip(sequence["options"], alt):
+                    scores[sequence["index"]][label] = base + value
             if on_batch:
-                on_batch(len(batch))
+                on_batch(sum(len(s["options"]) for s in batch))
     records = []
     for q in questions:
         options = {label: scores[q.index][label] for label in q.labels}
@@ -396,10 +437,10 @@ def score_loss(
     with inference_mode(model):
         for batch, real in _batches_in_lockstep(samples, batch_size, lockstep):
             if not real:
-                _sequence_logprobs(model, collate(samples_of([dummy or rows[0]])))
+                response_logprobs(model, collate(samples_of([dummy or rows[0]])))
                 continue
             collated = collate(batch)
-            total -= _sequence_logprobs(model, collated).sum().item()
+            total -= response_logprobs(model, collated)[0].sum().item()
             tokens += int((collated["labels"][:, 1:] != IGNORE_INDEX).sum())
             if on_batch:
                 on_batch(len(batch))

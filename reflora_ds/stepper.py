@@ -46,6 +46,8 @@ class LoraStepper:
         self.steps_done = 0
         self.plan: StepPlan | None = None
         self.stats = {"refactored_steps": 0, "fallbacks": 0, "last_fallbacks": 0}
+        # Set to {} to have the hooks add up, per (pair, side), ‖∇‖² before and after the multiplier.
+        self.grad_probe: dict[tuple[int, str], list[float]] | None = None
         self._hooks = []
         if method.needs is not None:
             for i, pair in enumerate(pairs):
@@ -80,7 +82,14 @@ class LoraStepper:
         if plan is None:
             return None
         m = plan.grad_A[index] if side == "A" else plan.grad_B[index]
-        return None if m is None else apply_multiplier(grad, m, side)
+        if m is None:
+            return None
+        out = apply_multiplier(grad, m, side)
+        if self.grad_probe is not None:
+            sums = self.grad_probe.setdefault((index, side), [0.0, 0.0])
+            sums[0] += float(grad.double().pow(2).sum())
+            sums[1] += float(out.double().pow(2).sum())
+        return out
 
     def refresh(self) -> None:
         """Make the plan for the coming window from the current factors."""

@@ -87,17 +87,29 @@ class ScriptedLM(nn.Module):
         return torch.cat([input_ids, tail], dim=1)
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
+        """Causal, like a real LM: position t's logits depend on tokens 0..t only.
+
+        Along the preferred response ("the correct answer is <preferred>") each
+        next token gets a large logit; off it every logit is flat.
+        """
         self.seen_training.append(self.training)
         batch, width = input_ids.shape
         logits = torch.zeros(batch, width, len(self.tokenizer))
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         for b in range(batch):
             positions = mask[b].nonzero().squeeze(-1)
-            text, _, preferred = self._entry(input_ids[b, positions])
-            if text.rstrip().endswith(preferred):
-                for t in positions[1:]:
-                    logits[b, t - 1, input_ids[b, t]] = 10.0
+            real = input_ids[b, positions].tolist()
+            _, _, preferred = self._entry(torch.tensor(real))
+            text = self.tokenizer.decode(real, skip_special_tokens=True)
+            prompt = text[: text.index(RESPONSE_MARK) + len(RESPONSE_MARK)] if RESPONSE_MARK in text else text
+            target = self.tokenizer(prompt + "the correct answer is " + preferred)["input_ids"]
+            for t in range(len(real) - 1):
+                if real[: t + 1] == target[: t + 1] and t + 1 < len(target):
+                    logits[b, positions[t], target[t + 1]] = 10.0
         return SimpleNamespace(logits=self.dropout(logits) if self.training else logits)
+
+
+RESPONSE_MARK = "### Response:\n"
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +313,30 @@ def test_eval_command_writes_table_and_json(tmp_path):
 
     bad = runner.invoke(app, ["eval", "--base-model", str(tmp_path / "tiny"), "--mode", "sample"])
     assert bad.exit_code == 2 and "choose generate" in bad.output
+
+
+def test_options_differing_in_the_last_token_share_one_forward_and_score_the_same(llama):
+    """Shared-prefix scoring is exact: every option's log-likelihood equals its own full forward's."""
+    from reflora_ds.evaluate import _option_sequences, response_logprobs
+
+    model, tok = llama
+    middle = dict(SET[0], output="answer2 is the correct one")  # the label is not the last token: no sharing
+    rows = [SET[0], SET[1], SET[4], middle]
+    questions = [make_question(i, r) for i, r in enumerate(rows)]
+    sequences = _option_sequences(questions, tok, "alpaca")
+    per_question = {q.index: sum(s["index"] == q.index for s in sequences) for q in questions}
+    assert per_question[0] == 1 and per_question[2] == 1  # answerN / endingN: one forward for all options
+    assert per_question[3] == len(questions[3].labels)  # label mid-response: one forward per option
+
+    result = evaluate(model, tok, rows, modes=["likelihood"], loss=False, batch_size=2)
+    collate = PadCollator(tok.pad_token_id)
+    model.eval()
+    for q, record in zip(questions, result.examples["likelihood"]):
+        for label in q.labels:
+            columns, _ = tokenize_rows([{"instruction": q.instruction, "input": q.input, "output": q.response(label),
+                                         "answer": label}], tok, cutoff_len=1 << 20)
+            ids, labels = columns["input_ids"][0][:-1], columns["labels"][0][:-1]  # without the training EOS
+            with torch.no_grad():
+                alone = response_logprobs(model, collate([{"input_ids": ids, "labels": labels}]))[0].item()
+            assert record["scores"][label] == pytest.approx(alone, abs=1e-4)
+    model.train()
