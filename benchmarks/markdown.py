@@ -35,7 +35,7 @@ def section(record: dict, results_dir: str = "bench_results") -> str:
     m = record["machine"]
     load = f"load {m.get('load_average_1min')} → {m.get('load_average_1min_end')}"
     lines = [
-        f"Reproduce: `reflora-ds bench {record['suite']}{' --quick' if record['quick'] else ''}` "
+        f"Reproduce: `python -m benchmarks {record['suite']}{' --quick' if record['quick'] else ''}` "
         f"({record['seconds'] / 60:.1f} min here). Results: `{results_dir}/{record['suite']}.json`.",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s), "
@@ -52,8 +52,8 @@ def section(record: dict, results_dir: str = "bench_results") -> str:
         rows = [[t["name"], t["value"], f"{t['direction']} {t['limit']}", VERDICT[t["met"]], t.get("note", "")]
                 for t in record["targets"]]
         lines += ["*Targets*", "", *markdown_table(["target", "measured", "limit", "verdict", "note"], rows), ""]
-    png = Path(results_dir) / f"{record['suite']}.png"
-    lines.append(f"![{record['suite']}]({png.as_posix()})")
+    for figure in record.get("figures", [f"{record['suite']}.png"]):
+        lines.append(f"![{Path(figure).stem}]({(Path(results_dir) / figure).as_posix()})")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,6 +1,6 @@
 """Suite ``memory``: the same RefLoRA run on an fp32, a bf16 and an NF4 (bitsandbytes 4-bit) base.
 
-Each base runs in its own child process (``python -m reflora_ds.bench.memory
+Each base runs in its own child process (``python -m benchmarks.memory
 --child``), so its peak resident memory is its own: load the base through
 ``models.load_base_model`` (the project's QLoRA path, model in train mode
 before any forward), wrap it with LoRA r = 32 on q/k/v/up/down, AdamW with
@@ -115,8 +115,8 @@ def child(spec: dict) -> dict:
     baseline = rss_bytes()
     import torch
 
-    from ..config import RunConfig
-    from ..models import load_base_model
+    from reflora_ds.config import RunConfig
+    from reflora_ds.models import load_base_model
     from .common import attach_method, with_lora
 
     baseline = max(baseline, rss_bytes())
@@ -152,7 +152,7 @@ def child(spec: dict) -> dict:
 
 def run_child(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "reflora_ds.bench.memory", "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -160,13 +160,13 @@ def run_child(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def run(out, quick: bool) -> dict:
+def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         base_model = None
         if quick:
-            from ..models import tiny_llama
+            from reflora_ds.models import tiny_llama
 
             # Wide enough for 4-bit blocks of 64, small enough to load in a second.
             tiny_llama(Path(tmp) / "tiny", seed=0, hidden_size=256, intermediate_size=512, num_hidden_layers=2)

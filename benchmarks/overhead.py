@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from ..methods import apply_multiplier
-from ..refactor import factor_grams, refactor, refactor_from_grams, refactor_layerwise
+from reflora_ds.methods import apply_multiplier
+from reflora_ds.refactor import factor_grams, refactor, refactor_from_grams, refactor_layerwise
 from .common import (
     attach_method,
     base_model,
@@ -205,7 +205,7 @@ def refactor_times(As, Bs, shape: dict, rounds: int) -> dict:
 # --- the suite -----------------------------------------------------------------------------------
 
 
-def run(out, quick: bool) -> dict:
+def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     base, _ = base_model(quick)
     batch, seq = (4, 32) if quick else (4, 128)
     return suite(out, "overhead", quick, base, batch=batch, seq=seq, rounds=3 if quick else 20,

@@ -55,7 +55,7 @@ def training_rows(n: int, min_chars: int) -> list[dict]:
 
         texts = [text for _, text in bbc_articles()]
     else:
-        from ..data import EMBEDDED_TRAIN, read_rows
+        from reflora_ds.data import EMBEDDED_TRAIN, read_rows
 
         rows = [r["instruction"] for r in read_rows(EMBEDDED_TRAIN).rows]
         texts = [" ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)]
@@ -64,7 +64,7 @@ def training_rows(n: int, min_chars: int) -> list[dict]:
 
 
 def run_config(tmp: Path, name: str, base_model: str | None, data: Path, shape: dict, seed: int, dtype: str):
-    from ..config import RunConfig
+    from reflora_ds.config import RunConfig
 
     method = name.split()[1]
     return RunConfig(
@@ -78,7 +78,7 @@ def run_config(tmp: Path, name: str, base_model: str | None, data: Path, shape: 
 
 def reflora_ds_run(cfg) -> list[float]:
     """Tokens/s of each optimizer step of one ``train`` run."""
-    from ..train import METRICS_FILE, train
+    from reflora_ds.train import METRICS_FILE, train
 
     train(cfg)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / METRICS_FILE).read_text().splitlines()]
@@ -101,8 +101,8 @@ def hf_trainer_run(cfg, tokens_per_step: int) -> list[float]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from .. import models
-    from ..data import PadCollator, preprocess
+    from reflora_ds import models
+    from reflora_ds.data import PadCollator, preprocess
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -138,8 +138,8 @@ def hf_trainer_run(cfg, tokens_per_step: int) -> list[float]:
 
 def check_fixed_length(cfg) -> int:
     """Every training sample must be exactly cutoff_len tokens: then a step's tokens are known."""
-    from .. import models
-    from ..data import preprocess
+    from reflora_ds import models
+    from reflora_ds.data import preprocess
 
     tokenizer = models.load_tokenizer(models.resolve_base(cfg))
     lengths = {len(ids) for ids in preprocess(cfg.data_path, tokenizer, cutoff_len=cfg.cutoff_len).dataset["input_ids"]}
@@ -148,13 +148,13 @@ def check_fixed_length(cfg) -> int:
     return cfg.micro_batch_size * cfg.cutoff_len
 
 
-def run(out, quick: bool) -> dict:
+def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     # The tiny tokenizer spends ~70 tokens on the prompt template: quick sequences are longer.
     shape = dict(batch=2, seq_len=96, steps=5) if quick else dict(batch=4, seq_len=128, steps=10)
     with tempfile.TemporaryDirectory() as tmp:
         base_model = None
         if quick:
-            from ..models import tiny_llama
+            from reflora_ds.models import tiny_llama
 
             tiny_llama(Path(tmp) / "tiny", seed=0)
             base_model = str(Path(tmp) / "tiny")
@@ -165,7 +165,7 @@ def run(out, quick: bool) -> dict:
 def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, rounds: int, dtype: str,
           model_name: str) -> dict:
     """Interleaved rounds of the three contenders; writes ``name``.json / .png and prints the table."""
-    from ..train import quiet_libraries
+    from reflora_ds.train import quiet_libraries
 
     started = time.perf_counter()
     info = machine()

@@ -1,6 +1,6 @@
 """Suite ``zero``: optimizer-state bytes per rank under ZeRO 0-3, and what RefLoRA gathers under ZeRO-3.
 
-The suite launches ``deepspeed --num_gpus W --module reflora_ds.bench.zero
+The suite launches ``deepspeed --num_gpus W --module benchmarks.zero
 --worker`` for W = 1 and 2 (CPU ranks, gloo).  One launch trains every case
 (stage × method × persistence threshold) a few steps with RefLoRA attached
 through ``ZeroRefLoRA`` and reads on each rank:
@@ -72,9 +72,9 @@ def run_case(case: dict, quick: bool, world: int, rank: int) -> dict:
     import deepspeed
     import torch
 
-    from ..methods import MethodConfig
-    from ..optim import param_groups
-    from ..zero import ZeroRefLoRA, _client_optimizer
+    from reflora_ds.methods import MethodConfig
+    from reflora_ds.optim import param_groups
+    from reflora_ds.zero import ZeroRefLoRA, _client_optimizer
 
     torch.manual_seed(0)
     model = build_model(quick)
@@ -123,7 +123,7 @@ def worker() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from ..train import quiet_libraries
+    from reflora_ds.train import quiet_libraries
 
     quiet_libraries()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -149,12 +149,12 @@ def worker() -> None:
 
 
 def launch(world: int, quick: bool, tmp: Path) -> dict:
-    from ..zero import free_port
+    from reflora_ds.zero import free_port
 
     out = tmp / f"world{world}.json"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(world), "--master_port", str(free_port()),
-           "--module", "reflora_ds.bench.zero", "--worker", "--out", str(out)] + (["--quick"] if quick else [])
+           "--module", "benchmarks.zero", "--worker", "--out", str(out)] + (["--quick"] if quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -172,7 +172,7 @@ def case_name(case: dict) -> str:
     return name
 
 
-def run(out, quick: bool) -> dict:
+def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:

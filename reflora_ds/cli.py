@@ -350,31 +350,21 @@ def merge(
 # --- bench ---------------------------------------------------------------------------------
 
 
-@app.command()
-def bench(
-    suite: str = typer.Argument(..., help="overhead, convergence, memory, zero, peer or gpu; or report (rewrite "
-                                           "BENCHMARKS.md's sections from the JSON files in --out)."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny random model, few steps: a smoke test of under a minute."),
-    out: Path = typer.Option(Path("bench_results"), "--out", help="Folder for SUITE.json, SUITE.png and SUITE.md."),
-    md: Path = typer.Option(Path("BENCHMARKS.md"), "--md", help="The file `report` updates between its "
-                                                                "<!-- bench:SUITE --> markers."),
-):
-    """Run a benchmark suite (see BENCHMARKS.md): it prints its table and writes JSON, a plot and its
-    BENCHMARKS.md section into --out."""
-    from .bench import SUITES, run_suite
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def bench(ctx: typer.Context):
+    """Run a benchmark suite from a checkout (the benchmarks/ folder beside the package); arguments as
+    python -m benchmarks: SUITE [--quick] [--out DIR] [suite options], or report. See BENCHMARKS.md."""
+    import sys
 
-    if suite == "report":
-        from .bench.markdown import update_benchmarks
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__init__.py").is_file():
+        _fail(FileNotFoundError("the benchmarks live in the source repository, not in the installed package: "
+                                "run reflora-ds bench from a checkout installed with pip install -e ."))
+    sys.path.insert(0, str(checkout))
+    from benchmarks import main as run_benchmarks
 
-        if not md.is_file():
-            _fail(FileNotFoundError(f"--md {md} does not exist; run from the repository root or pass --md"))
-        updated = update_benchmarks(out, md)
-        typer.echo(f"updated {md}: {', '.join(updated) or 'no marked section had a JSON in ' + str(out)}")
-        return
-    if suite not in SUITES:
-        _fail(ValueError(f"unknown benchmark suite {suite!r}; choose one of {', '.join(SUITES)} (or report)"))
-    run_suite(suite, out, quick)
-    typer.echo(f"wrote {out / (suite + '.json')} and {out / (suite + '.md')}")
+    raise typer.Exit(run_benchmarks(list(ctx.args)))
 
 
 def main():  # pragma: no cover

@@ -28,23 +28,23 @@ def run_quick(suite: str, tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARS}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", REFLORA_DS_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "reflora_ds", "bench", suite, "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--quick", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert proc.returncode == 0, f"{suite}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads((out / f"{suite}.json").read_text()), out
 
 
-def check_common(record: dict, suite: str, out: Path, png: str | None = None) -> None:
+def check_common(record: dict, suite: str, out: Path, png: str | None = None, figures: tuple = ()) -> None:
     assert record["suite"] == suite and record["quick"] is True
     assert {"machine", "config", "results", "targets", "seconds"} <= set(record)
     assert record["machine"]["versions"]["torch"]
     for t in record["targets"]:
         assert {"name", "value", "limit", "direction", "met"} <= set(t)
         assert t["met"] in (True, False, None)
-    png_path = out / f"{png or suite}.png"
-    assert 1_000 < png_path.stat().st_size < 300_000
+    for name in figures or (png or suite,):
+        assert 1_000 < (out / f"{name}.png").stat().st_size < 300_000
     section = (out / f"{png or suite}.md").read_text()  # its BENCHMARKS.md section, rendered from the JSON
-    assert f"reflora-ds bench {record['suite']} --quick" in section and f"![{png or suite}]" in section
+    assert f"python -m benchmarks {record['suite']} --quick" in section and f"![{png or suite}]" in section
     assert "\n| " in section  # at least one table
 
 
@@ -69,23 +69,29 @@ def test_overhead_quick(tmp_path):
 
 def test_convergence_quick(tmp_path):
     record, out = run_quick("convergence", tmp_path)
-    check_common(record, "convergence", out)
+    check_common(record, "convergence", out, figures=("convergence", "convergence_diagnostics"))
+    runs = sorted((out / "convergence").glob("*.json"))
+    assert len(runs) == 2 * 3 * 2  # tasks × methods × seeds, one JSON each
+    run = json.loads(runs[0].read_text())
+    assert {"task", "method", "lr", "seed", "steps", "refactor_warmup", "eval_curve", "diagnostics", "test",
+            "machine"} <= set(run)
+    assert run["eval_curve"][0][0] == 0 and run["eval_curve"][-1][0] == run["steps"]
     results = record["results"]
-    assert "arc_easy" in results
-    for task, res in results.items():
-        plan = record["config"][task]
-        runs = res["runs"]
-        assert len(runs) == 6 * len(plan["lrs"]) * len(plan["seeds"])
-        assert {r["method"] for r in runs} == {"lora", "loraplus", "scaledgd", "dora", "reflora", "reflora_s"}
-        assert finite_positive(res["start"]["loss"])
-        for r in runs:
-            assert r["curve"][0]["step"] == 0 and len(r["train_loss"]) >= 1
-            if not r["diverged"]:
-                assert r["curve"][-1]["step"] == plan["steps"]
-                assert 0.0 <= r["test"]["accuracy"] <= 1.0
-        summary = res["summary"]
-        assert set(summary["best_lr"]) == {r["method"] for r in runs}
-        assert "reflora" in summary["vs_lora_same_lr"]
+    assert results["done_of_stage1"] == results["planned_stage1"] == 12
+    for task in ("lm", "commonsense"):
+        variants = results["tasks"][task]["variants"]
+        assert set(variants) == {"lora", "reflora@rw0.34", "reflora_s@rw0.34"}
+        cmp = variants["reflora@rw0.34"]["vs_lora"]
+        assert cmp["final_diff"]["n"] == 2 and cmp["verdict"] in ("faster", "slower", "indistinguishable")
+        diag = variants["reflora@rw0.34"]["diagnostics"]
+        assert all(finite_positive(x) for x in diag["imbalance"] + diag["cond_S"] + diag["grad_ratio_A"][1:])
+    assert 0.0 <= results["tasks"]["commonsense"]["variants"]["lora"]["test"]["accuracy"]["mean"] <= 1.0
+
+    # Resumable: a second call finds every run done and trains nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    again, _ = run_quick("convergence", tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert again["results"]["runs"] == 12
 
 
 def test_memory_quick(tmp_path):
@@ -132,14 +138,12 @@ def test_gpu_script_quick_on_cpu(tmp_path):
     assert record["suite"] == "gpu" and record["results"]["parts_skipped"] == []
     assert record["results"]["parts_done"] == ["gpu_overhead", "gpu_convergence", "gpu_peer"]
     for part in record["results"]["parts_done"]:
-        check_common(json.loads((out / f"{part}.json").read_text()), part, out)
+        figures = (part, f"{part}_diagnostics") if part == "gpu_convergence" else ()
+        check_common(json.loads((out / f"{part}.json").read_text()), part, out, figures=figures)
 
 
 def test_unknown_suite_is_refused(tmp_path):
-    from typer.testing import CliRunner
-
-    from reflora_ds.cli import app
-
-    result = CliRunner().invoke(app, ["bench", "nonsense", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "overhead" in result.output
+    proc = subprocess.run([sys.executable, "-m", "reflora_ds", "bench", "nonsense", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "overhead" in proc.stderr
 

@@ -32,5 +32,5 @@ def test_report_splices_sections_between_markers(tmp_path):
     assert result.exit_code == 0, result.output
     text = md.read_text()
     assert "stale" not in text and "prose before" in text and "prose after" in text and "untouched" in text
-    assert "`reflora-ds bench peer --quick`" in text and "| x / y | 0.98 | >= 1.0 | **missed** |" in text
+    assert "`python -m benchmarks peer --quick`" in text and "| x / y | 0.98 | >= 1.0 | **missed** |" in text
     assert "| reflora_ds reflora | 10 |" in text and "![peer](bench_results/peer.png)" in text
