@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -21,18 +20,14 @@ from typing import Callable
 
 import torch
 
+from reflora_ds import atomic
+from reflora_ds.methods import METHODS
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
-# What a method name means to the harness: (optimizer method, PEFT use_dora).
-METHOD_SETUP = {
-    "lora": ("lora", False),
-    "loraplus": ("loraplus", False),
-    "scaledgd": ("scaledgd", False),
-    "dora": ("lora", True),  # PEFT's DoRA, trained by plain AdamW
-    "reflora": ("reflora", False),
-    "reflora_s": ("reflora_s", False),
-    "refactor": ("refactor", False),  # weights moved to the balanced pair every step, moments as they are
-}
+# What a method name means to the harness: (the package's method, PEFT use_dora). Every registered
+# method, and DoRA: PEFT's own option, trained by plain AdamW.
+METHOD_SETUP = {**{name: (name, False) for name in METHODS}, "dora": ("lora", True)}
 
 
 # --- the machine -----------------------------------------------------------------------
@@ -79,7 +74,7 @@ def note_load(record: dict) -> None:
 
 def tiny_base(seed: int = 0, **overrides):
     """A small random LLaMA and its in-process tokenizer (quick mode: nothing to load)."""
-    from reflora_ds.models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     settings = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2)
     settings.update(overrides)
@@ -227,11 +222,7 @@ def payload(suite: str, quick: bool, config: dict, results: dict, targets: list[
 
 
 def write_json(out: Path, name: str, data: dict) -> Path:
-    path = Path(out) / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(Path(out) / f"{name}.json", data, indent=1, default=_jsonable)
 
 
 def _jsonable(value):

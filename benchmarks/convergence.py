@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import math
 import os
 import subprocess
@@ -52,10 +51,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reflora_ds import atomic
 from reflora_ds.data import EMBEDDED_TEST, EMBEDDED_TRAIN, IGNORE_INDEX, PadCollator, read_rows, tokenize_rows
 from reflora_ds.diagnostics import factor_diagnostics, gradient_ratios, summarise
 from reflora_ds.evaluate import inference_mode, make_question, response_logprobs, score_likelihood
-from reflora_ds.train import lr_lambda
+from reflora_ds.schedule import lr_lambda
 
 from .common import METHOD_SETUP, attach_method, base_model, bbc_articles, bbc_dir, machine, with_lora
 
@@ -311,7 +311,7 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str =
             result = train_run(spec, base, tokenizer, tasks[spec.task], recipe)
             result.update(quick=quick, dtype=dtype, machine=info, code=commit,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-            write_atomically(target, result)
+            atomic.write_json(target, result, indent=1)
             written.append(target)
             final = result["eval_curve"][-1][1]
             print(f"{spec.name}: eval loss {result['eval_curve'][0][1]:.4f} -> {final:.4f}"
@@ -327,11 +327,12 @@ class claim:
         self.path = path
 
     def __enter__(self) -> bool:
-        self.handle = open(self.path, "w")
+        self.handle = open(self.path, "a")  # not "w": that would empty a lock another worker holds
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
+        self.handle.truncate(0)
         self.handle.write(f"{os.uname().nodename} {os.getpid()}\n")
         self.handle.flush()
         return True
@@ -339,12 +340,6 @@ class claim:
     def __exit__(self, *exc):
         self.handle.close()
         return False
-
-
-def write_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def git_commit() -> str | None:

@@ -166,7 +166,7 @@ def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base_model = None
         if quick:
-            from reflora_ds.models import tiny_llama
+            from tests.tiny_models import tiny_llama
 
             # Wide enough for 4-bit blocks of 64, small enough to load in a second.
             tiny_llama(Path(tmp) / "tiny", seed=0, hidden_size=256, intermediate_size=512, num_hidden_layers=2)

@@ -69,7 +69,7 @@ def run_config(tmp: Path, name: str, base_model: str | None, data: Path, shape: 
     method = name.split()[1]
     return RunConfig(
         base_model=base_model, data_path=str(data), torch_dtype=dtype, cutoff_len=shape["seq_len"], lora_r=RANK, lora_alpha=2 * RANK,
-        lora_dropout=0.05, optimizer=method, refactor_warmup=1, learning_rate=LR, lr_scheduler="constant",
+        lora_dropout=0.05, method=method, refactor_warmup=1, learning_rate=LR, lr_scheduler="constant",
         warmup_steps=0, micro_batch_size=shape["batch"], gradient_accumulation_steps=1, max_steps=shape["steps"],
         logging_steps=1, eval_steps=0, save_steps=0, report_to=["jsonl"], resume_from_checkpoint=None,
         output_dir=str(tmp / f"{name.replace(' ', '_')}_{seed}"), seed=seed,
@@ -78,7 +78,8 @@ def run_config(tmp: Path, name: str, base_model: str | None, data: Path, shape: 
 
 def reflora_ds_run(cfg) -> list[float]:
     """Tokens/s of each optimizer step of one ``train`` run."""
-    from reflora_ds.train import METRICS_FILE, train
+    from reflora_ds.metrics import METRICS_FILE
+    from reflora_ds.train import train
 
     train(cfg)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / METRICS_FILE).read_text().splitlines()]
@@ -154,7 +155,7 @@ def run(out, quick: bool, argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base_model = None
         if quick:
-            from reflora_ds.models import tiny_llama
+            from tests.tiny_models import tiny_llama
 
             tiny_llama(Path(tmp) / "tiny", seed=0)
             base_model = str(Path(tmp) / "tiny")
@@ -165,7 +166,7 @@ def run(out, quick: bool, argv: list[str] | None = None) -> dict:
 def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, rounds: int, dtype: str,
           model_name: str) -> dict:
     """Interleaved rounds of the three contenders; writes ``name``.json / .png and prints the table."""
-    from reflora_ds.train import quiet_libraries
+    from reflora_ds.metrics import quiet_libraries
 
     started = time.perf_counter()
     info = machine()

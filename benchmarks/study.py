@@ -32,6 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from reflora_ds.methods import REGISTRY
+
 from .common import machine, payload, print_table, print_targets, pyplot, save_figure, target, write_json
 
 STAGE1_WARMUP, STAGE1_INTERVAL = 0.05, 1
@@ -39,7 +41,7 @@ LABELS = {"lora": "LoRA", "loraplus": "LoRA+", "scaledgd": "ScaledGD", "dora": "
           "reflora_s": "RefLoRA-S", "refactor": "refactor"}
 CLAIM_FRACTION = 0.7
 # Methods whose plan starts after the refactor warm-up and follows the interval; the others ignore both.
-REFACTORING = ("scaledgd", "reflora", "reflora_s", "refactor")
+REFACTORING = tuple(name for name, method in REGISTRY.items() if method.needs is not None)
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,

@@ -3,12 +3,12 @@
 The suite launches ``deepspeed --num_gpus W --module benchmarks.zero
 --worker`` for W = 1 and 2 (CPU ranks, gloo).  One launch trains every case
 (stage × method × persistence threshold) a few steps with RefLoRA attached
-through ``ZeroRefLoRA`` and reads on each rank:
+through ``ZeroStepper`` and reads on each rank:
 
 * the Adam moments the client optimizer keeps (exp_avg, exp_avg_sq, step),
 * the parameters it updates: the fp32 masters, which ZeRO 1-3 hold as flat
   partitions (in stage 0 with an fp32 model they are the LoRA factors),
-* ``ZeroRefLoRA.last_comm_bytes``: the bytes of LoRA factors each rank
+* ``ZeroStepper.last_comm_bytes``: the bytes of LoRA factors each rank
   gathered for the last refactor.  Under ZeRO-3 factors smaller than
   ``stage3_param_persistence_threshold`` (default 1e5 elements) stay gathered
   after the first step, so they cost nothing; threshold 0 releases every
@@ -74,7 +74,7 @@ def run_case(case: dict, quick: bool, world: int, rank: int) -> dict:
 
     from reflora_ds.methods import MethodConfig
     from reflora_ds.optim import param_groups
-    from reflora_ds.zero import ZeroRefLoRA, _client_optimizer
+    from reflora_ds.zero import ZeroStepper, client_optimizer
 
     torch.manual_seed(0)
     model = build_model(quick)
@@ -83,7 +83,7 @@ def run_case(case: dict, quick: bool, world: int, rank: int) -> dict:
     opt = torch.optim.AdamW(param_groups(model, 1e-4, method), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=ds_config(case["stage"], world, case.get("persistence_threshold")))
-    refl = ZeroRefLoRA(engine, method)
+    refl = ZeroStepper(engine, method)
     g = torch.Generator().manual_seed(1 + rank)
     vocab = engine.module.config.vocab_size
     tic = time.perf_counter()
@@ -92,7 +92,7 @@ def run_case(case: dict, quick: bool, world: int, rank: int) -> dict:
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         refl.step()
     seconds = (time.perf_counter() - tic) / STEPS
-    client = _client_optimizer(engine)
+    client = client_optimizer(engine)
     moments = sum(tensor_bytes(v) for state in client.state.values() for v in state.values()
                   if isinstance(v, torch.Tensor))
     if case["stage"] == 3:
@@ -123,7 +123,7 @@ def worker() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from reflora_ds.train import quiet_libraries
+    from reflora_ds.metrics import quiet_libraries
 
     quiet_libraries()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -149,7 +149,7 @@ def worker() -> None:
 
 
 def launch(world: int, quick: bool, tmp: Path) -> dict:
-    from reflora_ds.zero import free_port
+    from reflora_ds.dist import free_port
 
     out = tmp / f"world{world}.json"
     deepspeed = Path(sys.executable).parent / "deepspeed"

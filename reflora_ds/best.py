@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import atomic
 from .checkpoint import CHECKPOINTS
 
 BEST_RECORD = "best_checkpoint.json"
@@ -72,17 +72,45 @@ class BestCheckpoint:
 
     def write(self, output_dir: str | Path) -> Path:
         """best_checkpoint.json, replaced atomically (readers never see half a file)."""
-        path = Path(output_dir) / BEST_RECORD
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.record(), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic.write_json(Path(output_dir) / BEST_RECORD, self.record(), durable=True)
 
 
 def read_record(output_dir: str | Path) -> dict | None:
     """best_checkpoint.json of a run, or None if it has none."""
     path = Path(output_dir) / BEST_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def publish(engine, tracker: BestCheckpoint, output_dir: Path, base_source: str, cfg, log) -> None:
+    """A new best checkpoint: its adapter into best_adapter/, then best_checkpoint.json (call on all ranks)."""
+    from . import dist
+    from .export import export_adapter
+
+    export_adapter(engine, output_dir / BEST_ADAPTER, base_model=base_source, run_config=cfg)
+    if dist.is_main():
+        tracker.write(output_dir)
+    log(f"new best {tracker.metric} {tracker.value:.4f} at step {tracker.step}")
+
+
+def resume(state: dict | None, cfg, output_dir: Path, log) -> BestCheckpoint:
+    """The best record as of the checkpoint resumed from, with output_dir's best files brought in line.
+
+    The files can disagree with it after a crash between a save and their
+    update, or after resuming from an older checkpoint than the newest: the
+    record in the checkpoint wins. (From a stage-0 bf16 checkpoint the
+    re-exported adapter holds the bf16 weights: no fp32 master is stored by name.)
+    """
+    from . import dist
+    from .checkpoint import is_complete
+    from .export import export_from_checkpoint
+
+    tracker = BestCheckpoint.restore(state, cfg.metric_for_best_model, cfg.greater_is_better)
+    if tracker.step is None:
+        return tracker
+    if not is_complete(output_dir / tracker.checkpoint):
+        log(f"the best checkpoint {tracker.checkpoint} is gone; the best is chosen afresh from here on")
+        return BestCheckpoint(cfg.metric_for_best_model, cfg.greater_is_better)
+    if dist.is_main() and read_record(output_dir) != tracker.record():
+        export_from_checkpoint(output_dir / tracker.checkpoint, output_dir / BEST_ADAPTER, cfg)
+        tracker.write(output_dir)
+    return tracker

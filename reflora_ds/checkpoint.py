@@ -31,12 +31,14 @@ import random
 import re
 import shutil
 import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from . import atomic
 from .config import ConfigError
+from .dist import barrier, rank
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -47,15 +49,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, the
 # shell's convention for "terminated", so requeue wrappers see it was stopped.
 PREEMPTED_EXIT_CODE = 143
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # --- finding checkpoints ---------------------------------------------------------
@@ -113,8 +106,63 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str | Path) -
     )
 
 
-def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / TRAINER_STATE).read_text())
+@dataclass
+class TrainerState:
+    """What a checkpoint records about the run besides weights and optimizer: where the loop is,
+    what it was run with, and what it has measured.
+
+    ``save`` writes it twice from this one object: into DeepSpeed's client
+    state (what ``load`` restores) and as trainer_state.json (readable without
+    torch, e.g. to decide whether a run is finished before loading a model).
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in this epoch
+    global_step: int = 0  # optimizer steps done in all
+    total_steps: int = 0
+    world_size: int = 1
+    global_batch_size: int = 0
+    method: str = "reflora"
+    loss_kind: str = "train"  # "eval" when there is an evaluation set
+    loss_before: float | None = None
+    loss_after: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    best: dict | None = None  # best.BestCheckpoint.state()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainerState:
+        data = dict(data)
+        data.update(data.pop("position", {}))  # the layout of earlier releases
+        if "optimizer" in data:
+            data["method"] = data.pop("optimizer")
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    return TrainerState.from_dict(json.loads((path / TRAINER_STATE).read_text()))
+
+
+def check_compatible(saved: TrainerState, now: TrainerState) -> None:
+    """A checkpoint this run can resume from: the same world size, global batch and method."""
+    if saved.world_size != now.world_size:
+        raise ConfigError(
+            f"resume_from_checkpoint: the checkpoint was written by {saved.world_size} ranks, this run has "
+            f"{now.world_size}; resume with {saved.world_size} ranks, or convert it with DeepSpeed's universal "
+            "checkpoint (python -m deepspeed.checkpoint.ds_to_universal)"
+        )
+    if saved.global_batch_size != now.global_batch_size:
+        raise ConfigError(
+            f"resume_from_checkpoint: the checkpoint used a global batch of {saved.global_batch_size}, this "
+            f"run {now.global_batch_size}; keep micro_batch_size × gradient_accumulation_steps × ranks the same "
+            "to resume"
+        )
+    if saved.method != now.method:
+        raise ConfigError(f"resume_from_checkpoint: the checkpoint was trained with method "
+                          f"{saved.method!r}, this run uses {now.method!r}")
 
 
 # --- RNG streams -----------------------------------------------------------------
@@ -143,51 +191,32 @@ def _rng_file(path: Path, rank: int) -> Path:
 # --- saving ----------------------------------------------------------------------
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, trainer_state: dict) -> Path:
-    """Save a checkpoint atomically on every rank (a collective); returns its final path."""
+def save(engine, output_dir: str | Path, state: TrainerState, method_state: dict) -> Path:
+    """Save a checkpoint of step ``state.global_step`` atomically on every rank (a collective); returns its path."""
+    step = state.global_step
+    client_state = {"trainer": state.to_dict(), "reflora": method_state}
     root = checkpoint_root(output_dir)
     tmp_tag, tag = f".tmp-step-{step}", f"step-{step}"
     tmp, final = root / tmp_tag, root / tag
-    if _rank() == 0 and tmp.exists():
+    if rank() == 0 and tmp.exists():
         shutil.rmtree(tmp)  # debris of an earlier, interrupted save of this step
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(rng_state(), _rng_file(tmp, _rank()))
-    _barrier()
-    if _rank() == 0:
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        _write_durably(tmp / COMPLETE, f"{tag}\n")
+    torch.save(rng_state(), _rng_file(tmp, rank()))
+    barrier()
+    if rank() == 0:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state.to_dict(), indent=2))
+        atomic.write_text(tmp / COMPLETE, f"{tag}\n", durable=True)
         old = root / f".old-{tag}"
         if final.exists():  # the same step saved again: set the old copy aside until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        atomic.fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` survive a power loss (where the platform allows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prune(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> None:
@@ -214,16 +243,16 @@ def remove_stale(output_dir: str | Path) -> None:
 # --- loading ---------------------------------------------------------------------
 
 
-def load(engine, path: Path) -> dict:
-    """Load a checkpoint into the engine, restore this rank's RNG; returns client_state."""
+def load(engine, path: Path) -> tuple[TrainerState, dict]:
+    """Load a checkpoint into the engine, restore this rank's RNG; returns the trainer and method states."""
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if client_state is None:
         raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path}")
-    rng = _rng_file(path, _rank())
+    rng = _rng_file(path, rank())
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
-    return client_state
+    return TrainerState.from_dict(client_state["trainer"]), client_state["reflora"]
 
 
 # --- preemption ------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The ``reflora-ds`` command line: the only place that parses arguments."""
+"""The ``reflora-ds`` command line: every command, its flags and its exit statuses.
+
+The flags of configuration keys take their help from the keys (config.py).
+"""
 
 from __future__ import annotations
 
@@ -59,15 +62,23 @@ def _fail(err: Exception) -> None:
 
 
 def _load(config: Path | None, flags: dict, sets: list[str]):
-    """The run configuration: the file (or the embedded default run), --set values, then flags."""
-    from .config import DEFAULT_RUN, load_config, parse_overrides
+    """The run configuration: the file (or the embedded default run), --set values, then flags.
+
+    Its files and its DeepSpeed config are checked too: the commands that call
+    this train or tokenize, and need both.
+    """
+    from .config import DEFAULT_RUN, check_files, load_config, parse_overrides
+    from .ds_config import check
 
     overrides = parse_overrides(sets or [])  # key=null really sets null
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if isinstance(overrides.get("resume_from_checkpoint"), str) and \
             overrides["resume_from_checkpoint"].lower() in ("null", "none"):
         overrides["resume_from_checkpoint"] = None  # the flag's spelling of "start fresh"
-    return load_config(config if config is not None else DEFAULT_RUN, overrides, skip_none=False)
+    cfg = load_config(config if config is not None else DEFAULT_RUN, overrides, skip_none=False)
+    check_files(cfg)
+    check(cfg)
+    return cfg
 
 
 _CONFIG_ARG = typer.Argument(None, metavar="[CONFIG.yaml]", show_default=False,
@@ -76,28 +87,35 @@ _SET = typer.Option(None, "--set", metavar="KEY=VALUE",
                     help="Set any configuration key (value read as YAML); repeatable.")
 
 
+def _opt(key: str, *names: str, **kwargs):
+    """A flag for a configuration key, with the help text the key declares (config.py)."""
+    from .config import field_help
+
+    return typer.Option(None, *names, help=field_help(key), **kwargs)
+
+
 @app.command()
 def train(
     config: Path = _CONFIG_ARG,
-    base_model: str = typer.Option(None, help="HF model directory or hub id (default: SmolLM2-135M-Instruct)."),
-    data_path: str = typer.Option(None, help="Training data: LLM-Adapters/Alpaca JSON(L) or a datasets folder."),
-    eval_data_path: str = typer.Option(None, help="Evaluation data (else val_set_size rows are held out)."),
-    output_dir: str = typer.Option(None, help="Where checkpoints, metrics and the adapter go."),
-    optimizer: str = typer.Option(None, help="reflora, reflora_s, refactor, lora, loraplus or scaledgd."),
-    deepspeed: str = typer.Option(None, help="A preset (zero0 .. zero3, zero2_offload, zero3_offload) or a JSON file."),
-    lora_r: int = typer.Option(None, help="LoRA rank."),
-    lora_alpha: int = typer.Option(None, help="LoRA alpha (scale = alpha / r)."),
-    learning_rate: float = typer.Option(None, help="Peak learning rate."),
-    micro_batch_size: int = typer.Option(None, help="Samples per forward, per rank."),
-    gradient_accumulation_steps: int = typer.Option(None, help="Micro-batches per optimizer step."),
-    max_steps: int = typer.Option(None, help="Optimizer steps (-1: run num_epochs)."),
-    num_epochs: float = typer.Option(None, help="Epochs, when max_steps is -1."),
-    cutoff_len: int = typer.Option(None, help="Maximum tokens per sample."),
-    refactor_warmup: int = typer.Option(None, help="Optimizer steps before the first refactor."),
-    load_in_4bit: bool = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help="Quantize the base (QLoRA)."),
-    torch_dtype: str = typer.Option(None, help="float32 or bfloat16."),
-    seed: int = typer.Option(None, help="Seed for initialisation, data order and dropout."),
-    resume_from_checkpoint: str = typer.Option(None, help="auto (newest in output_dir), a checkpoint path, or null."),
+    base_model: str = _opt("base_model"),
+    data_path: str = _opt("data_path"),
+    eval_data_path: str = _opt("eval_data_path"),
+    output_dir: str = _opt("output_dir"),
+    method: str = _opt("method", "--method", "--optimizer"),
+    deepspeed: str = _opt("deepspeed"),
+    lora_r: int = _opt("lora_r"),
+    lora_alpha: int = _opt("lora_alpha"),
+    learning_rate: float = _opt("learning_rate"),
+    micro_batch_size: int = _opt("micro_batch_size"),
+    gradient_accumulation_steps: int = _opt("gradient_accumulation_steps"),
+    max_steps: int = _opt("max_steps"),
+    num_epochs: float = _opt("num_epochs"),
+    cutoff_len: int = _opt("cutoff_len"),
+    refactor_warmup: int = _opt("refactor_warmup"),
+    load_in_4bit: bool = _opt("load_in_4bit", "--load-in-4bit/--no-load-in-4bit"),
+    torch_dtype: str = _opt("torch_dtype"),
+    seed: int = _opt("seed"),
+    resume_from_checkpoint: str = _opt("resume_from_checkpoint"),
     sets: list[str] = _SET,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration (YAML) and exit."),
 ):
@@ -113,13 +131,13 @@ def train(
 
     try:
         cfg = _load(config, flags, sets)
+        if dry_run:
+            import yaml
+
+            typer.echo(yaml.safe_dump(cfg.resolved().model_dump(mode="json"), sort_keys=False), nl=False)
+            return
     except ConfigError as err:
         _fail(err)
-    if dry_run:
-        import yaml
-
-        typer.echo(yaml.safe_dump(cfg.resolved().model_dump(mode="json"), sort_keys=False), nl=False)
-        return
 
     from .checkpoint import PREEMPTED_EXIT_CODE
     from .train import train as run_training
@@ -135,12 +153,12 @@ def train(
 @app.command()
 def preprocess(
     config: Path = _CONFIG_ARG,
-    base_model: str = typer.Option(None, help="Model whose tokenizer to use (default: SmolLM2-135M-Instruct)."),
-    data_path: str = typer.Option(None, help="Training data to tokenize."),
-    eval_data_path: str = typer.Option(None, help="Evaluation data to tokenize."),
-    cutoff_len: int = typer.Option(None, help="Maximum tokens per sample."),
-    sets: list[str] = _SET,
     show: int = typer.Option(0, help="Index of the training sample to print."),
+    data_path: str = _opt("data_path"),
+    eval_data_path: str = _opt("eval_data_path"),
+    sets: list[str] = _SET,
+    base_model: str = _opt("base_model"),
+    cutoff_len: int = _opt("cutoff_len"),
 ):
     """Tokenize the data once into the cache (so ranks never wait on tokenization) and show a sample.
 
@@ -148,8 +166,9 @@ def preprocess(
     """
     from .config import ConfigError
     from .data import DataError, render_sample
+    from .data import tokenize_datasets
+    from .metrics import quiet_libraries
     from .models import load_tokenizer, resolve_base
-    from .train import quiet_libraries, tokenize_datasets
 
     quiet_libraries()
     flags = dict(base_model=base_model, data_path=data_path, eval_data_path=eval_data_path, cutoff_len=cutoff_len)
@@ -175,7 +194,7 @@ def preprocess(
 
 def _model_settings(config: Path | None, near: Path | None, base_model: str | None, *, required: bool = False):
     """Base and LoRA settings: --config, else the run's found near an adapter or checkpoint; --base-model last."""
-    from .config import ConfigError, RunConfig, build_config, load_config
+    from .config import ConfigError, RunConfig, build_config, check_files, load_config
     from .export import MODEL_KEYS, base_of_adapter
 
     if config is not None:
@@ -188,18 +207,8 @@ def _model_settings(config: Path | None, near: Path | None, base_model: str | No
         cfg = cfg or RunConfig()
     if base_model is not None:
         cfg = build_config({**cfg.model_dump(), "base_model": base_model, "gguf_file": None}, "--base-model")
+    check_files(cfg, data=False)
     return cfg
-
-
-def _init_distributed_from_launcher() -> None:
-    """Join the process group a launcher (deepspeed, torchrun) describes in the environment."""
-    import os
-
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
 
 
 def _progress_bar(enabled: bool):
@@ -218,6 +227,10 @@ def _progress_bar(enabled: bool):
     return bar, update
 
 
+_MODEL_CONFIG = typer.Option(None, help="Run configuration (YAML) whose base-model settings to use "
+                                        "(e.g. load_in_4bit).")
+
+
 @app.command("eval")
 def eval_command(
     base_model: str = typer.Option(None, help="HF model directory, hub id or merged model "
@@ -232,8 +245,7 @@ def eval_command(
     max_new_tokens: int = typer.Option(32, help="Tokens generated per prompt."),
     loss: bool = typer.Option(True, "--loss/--no-loss", help="Also report response-token loss and perplexity."),
     cutoff_len: int = typer.Option(256, help="Maximum tokens per sample for the loss."),
-    config: Path = typer.Option(None, help="Run configuration (YAML) whose base-model settings to use "
-                                           "(e.g. load_in_4bit)."),
+    config: Path = _MODEL_CONFIG,
     out: Path = typer.Option(Path("eval_results.json"), help="JSON report with every row's prediction."),
 ):
     """Accuracy (and loss/perplexity) of a base model, optionally with an adapter, on multiple-choice sets.
@@ -251,13 +263,14 @@ def eval_command(
 
     from .config import ConfigError
     from .data import EMBEDDED_TEST, DataError
-    from .evaluate import MODES, EvalError, evaluate, rank_and_world, results_json, results_table
+    from .dist import init_from_launcher, rank_and_world
+    from .evaluate import MODES, EvalError, evaluate, results_json, results_table
     from .models import load_base_model, resolve_base
 
     modes = list(MODES) if mode == "both" else [mode]
     if any(m not in MODES for m in modes):
         _fail(ValueError(f"--mode {mode}: choose generate, likelihood or both"))
-    _init_distributed_from_launcher()
+    init_from_launcher()
     rank, world = rank_and_world()
     started = time.perf_counter()
     try:
@@ -321,7 +334,7 @@ def merge(
     adapter: Path = typer.Option(..., help="PEFT adapter folder."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged model (safetensors, config, tokenizer)."),
     base_model: str = typer.Option(None, help="Base model (default: the one the adapter's run used)."),
-    config: Path = typer.Option(None, help="Run configuration (YAML) for the base settings, e.g. load_in_4bit."),
+    config: Path = _MODEL_CONFIG,
     max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
     dtype: str = typer.Option("auto", help="Saved dtype: auto (the base's), float32, bfloat16 or float16."),
 ):

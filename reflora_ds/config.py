@@ -8,9 +8,7 @@ a second, not a minute of loading followed by a crash.
 
 from __future__ import annotations
 
-import copy
 import difflib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .methods import METHODS
+
 RESOURCES = Path(__file__).resolve().parent / "resources"
-DS_PRESET_DIR = RESOURCES / "ds_configs"
-DS_PRESETS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # What `reflora-ds train` runs when given no configuration file.
 DEFAULT_RUN = RESOURCES / "default_run.yaml"
@@ -55,96 +53,109 @@ def _normalise_dtype(value: Any) -> Any:
     return value
 
 
+def _f(default: Any = ..., help: str = "", **constraints) -> Any:
+    """A field with its help text, which the command line shows too (cli.py reads it from here)."""
+    return Field(default, description=help, **constraints)
+
+
+MethodName = Literal[METHODS]
+
+
 class RunConfig(BaseModel):
     """Everything one fine-tuning run needs; `None` paths mean the embedded defaults.
 
     The defaults follow the commonsense-reasoning recipe of the RefLoRA and
     LLM-Adapters papers (r=32, alpha=64, q/k/v/up/down, lr 2e-4, batch 16,
     2 epochs, cutoff 256, 100 warmup steps, refactor warmup 100).
+
+    Validation here reads no file: whether paths exist is checked by
+    ``check_files``, and what the DeepSpeed config allows by
+    ``ds_config.check``, in the commands that need them.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- base model -------------------------------------------------------
-    base_model: str | None = None  # HF directory or hub id; None = embedded SmolLM2-135M-Instruct
-    gguf_file: str | None = None  # a .gguf path, or a file name inside base_model
-    trust_remote_code: bool = False
+    base_model: str | None = _f(None, "HF model directory or hub id (default: SmolLM2-135M-Instruct).")
+    gguf_file: str | None = _f(None, "A .gguf path, or a file name inside base_model.")
+    trust_remote_code: bool = _f(False, "Run the Python code a model directory ships (only for bases you trust).")
 
     # --- data -------------------------------------------------------------
-    data_path: str | None = None  # None = embedded ARC-Easy train split
-    data_format: Literal["auto", "llm_adapters", "alpaca", "hf_disk"] = "auto"
-    eval_data_path: str | None = None
-    val_set_size: int = Field(0, ge=0)  # rows held out of the training data for validation
-    skip_malformed_rows: bool = False
-    prompt_template: Literal["alpaca"] = "alpaca"
-    cutoff_len: int = Field(256, ge=8)
+    data_path: str | None = _f(None, "Training data: LLM-Adapters/Alpaca JSON(L) or a datasets folder "
+                                     "(default: the embedded ARC-Easy train split).")
+    data_format: Literal["auto", "llm_adapters", "alpaca", "hf_disk"] = _f("auto", "Format of data_path.")
+    eval_data_path: str | None = _f(None, "Evaluation data (else val_set_size rows are held out).")
+    val_set_size: int = _f(0, "Rows held out of the training data for evaluation.", ge=0)
+    skip_malformed_rows: bool = _f(False, "Skip (and count) malformed rows instead of stopping.")
+    prompt_template: Literal["alpaca"] = _f("alpaca", "Prompt template.")
+    cutoff_len: int = _f(256, "Maximum tokens per sample.", ge=8)
 
     # --- adapter ----------------------------------------------------------
-    lora_r: int = Field(32, ge=1)
-    lora_alpha: int = Field(64, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = _f(32, "LoRA rank.", ge=1)
+    lora_alpha: int = _f(64, "LoRA alpha (scale = alpha / r).", gt=0)
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES)
-    )
-    use_dora: bool = False
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Module names to adapt (comma-separated on the command line), or all-linear.")
+    use_dora: bool = _f(False, "DoRA (PEFT's use_dora).")
 
     # --- quantized base (bitsandbytes) -----------------------------------
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_compute_dtype: DType | None = None  # None = torch_dtype
-    bnb_4bit_use_double_quant: bool = True
-    # None = torch_dtype under ZeRO-3 (which requires it), else uint8 (the bitsandbytes default)
-    bnb_4bit_quant_storage: StorageDType | None = None
+    load_in_4bit: bool = _f(False, "Quantize the base to 4 bits (QLoRA).")
+    load_in_8bit: bool = _f(False, "Quantize the base to 8 bits.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit quantization type.")
+    bnb_4bit_compute_dtype: DType | None = _f(None, "4-bit compute dtype (default: torch_dtype).")
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantize the 4-bit block scales too.")
+    bnb_4bit_quant_storage: StorageDType | None = _f(
+        None, "4-bit storage dtype (default: torch_dtype under ZeRO-3, which requires it; else uint8).")
 
     # --- precision and memory --------------------------------------------
-    torch_dtype: DType = "float32"  # also accepts bf16 / fp32
-    gradient_checkpointing: bool = False
+    torch_dtype: DType = _f("float32", "float32 or bfloat16 (also bf16 / fp32).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
 
     # --- optimisation -----------------------------------------------------
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(100, ge=0)
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    num_epochs: float = Field(2, gt=0)
-    max_steps: int = -1  # optimizer steps; -1 = run num_epochs
-    seed: int = 42
+    learning_rate: float = _f(2e-4, "Peak learning rate.", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables it).", ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("linear", "Decay after the warmup.")
+    warmup_steps: int = _f(100, "Linear learning-rate warmup, in optimizer steps.", ge=0)
+    micro_batch_size: int = _f(4, "Samples per forward, per rank.", ge=1)
+    gradient_accumulation_steps: int = _f(4, "Micro-batches per optimizer step.", ge=1)
+    num_epochs: float = _f(2, "Epochs, when max_steps is -1.", gt=0)
+    max_steps: int = _f(-1, "Optimizer steps (-1: run num_epochs).")
+    seed: int = _f(42, "Seed for initialisation, data order and dropout.")
 
     # --- method -----------------------------------------------------------
-    optimizer: Literal["reflora", "reflora_s", "refactor", "lora", "loraplus", "scaledgd"] = "reflora"
-    refactor_warmup: int = Field(100, ge=0)  # optimizer steps before the first refactor (B starts at 0)
-    refactor_interval: int = Field(1, ge=1)
-    loraplus_lr_ratio: float = Field(16, gt=0)
-    scaledgd_delta: float = Field(1e-6, gt=0)
+    method: MethodName = _f("reflora", "How the LoRA factors train: " + ", ".join(METHODS)
+                            + " (the key optimizer is read as method too).")
+    refactor_warmup: int = _f(100, "Optimizer steps before the first refactor (B starts at 0).", ge=0)
+    refactor_interval: int = _f(1, "Refactor every this many optimizer steps.", ge=1)
+    loraplus_lr_ratio: float = _f(16, "LoRA+: B's learning rate over A's.", gt=0)
+    scaledgd_delta: float = _f(1e-6, "ScaledGD: damping of the preconditioners.", gt=0)
 
     # --- DeepSpeed --------------------------------------------------------
-    # a preset (zero0..zero3, zero2_offload, zero3_offload) or a JSON path; None = zero0
-    deepspeed: str | None = None
+    deepspeed: str | None = _f(None, "A preset (zero0 .. zero3, zero2_offload, zero3_offload) or a JSON file "
+                                     "(default: zero0).")
 
     # --- output and bookkeeping ------------------------------------------
-    output_dir: str = "runs/reflora"
-    # "auto": the newest complete checkpoint in output_dir, if any; a path; None = always start fresh
-    resume_from_checkpoint: str | None = "auto"
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int = Field(0, ge=0)  # 0 = evaluate only before training and at the end
-    save_steps: int = Field(0, ge=0)  # 0 = save only at the end
-    save_total_limit: int | None = Field(2, ge=1)  # the newest N checkpoints kept (the best one besides)
+    output_dir: str = _f("runs/reflora", "Where checkpoints, metrics and the adapter go.")
+    resume_from_checkpoint: str | None = _f(
+        "auto", "auto (the newest complete checkpoint in output_dir), a checkpoint path, or null (start fresh).")
+    logging_steps: int = _f(10, "Log the training loss every this many steps.", ge=1)
+    eval_steps: int = _f(0, "Evaluate every this many steps (0: only before training and at the end).", ge=0)
+    save_steps: int = _f(0, "Save a checkpoint every this many steps (0: only at the end).", ge=0)
+    save_total_limit: int | None = _f(2, "Checkpoints kept (the newest; the best one besides).", ge=1)
 
     # --- evaluation during training ----------------------------------------
-    # Accuracy on the evaluation rows besides the loss (evaluate.evaluate);
-    # None = on when every evaluation row carries an answer label.
-    eval_accuracy: bool | None = None
-    eval_accuracy_mode: Literal["likelihood", "generate"] = "likelihood"
-    eval_accuracy_limit: int | None = Field(None, ge=1)  # score only the first N evaluation rows
-    # Keep the checkpoint that scores best on this metric (HF Trainer's names).
-    # Every evaluation then also saves a checkpoint, so each one can be chosen.
-    metric_for_best_model: Literal["eval_loss", "eval_accuracy"] | None = None
-    greater_is_better: bool | None = None  # None = inferred: False for eval_loss, True for eval_accuracy
-    # metrics.jsonl is always written (the loss curve is drawn from it); "tensorboard" adds event files
-    report_to: list[Literal["tensorboard", "jsonl"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
+    eval_accuracy: bool | None = _f(None, "Score accuracy besides the loss (default: when every evaluation "
+                                          "row has an answer label).")
+    eval_accuracy_mode: Literal["likelihood", "generate"] = _f("likelihood", "How accuracy is scored.")
+    eval_accuracy_limit: int | None = _f(None, "Score only the first N evaluation rows.", ge=1)
+    metric_for_best_model: Literal["eval_loss", "eval_accuracy"] | None = _f(
+        None, "Keep the checkpoint that scores best on this metric (every evaluation then saves one).")
+    greater_is_better: bool | None = _f(None, "Default: false for eval_loss, true for eval_accuracy.")
+    report_to: list[Literal["tensorboard", "jsonl"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="metrics.jsonl is always written; tensorboard adds event files.")
 
     # --- field normalisation ---------------------------------------------
     @field_validator("torch_dtype", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", mode="before")
@@ -188,36 +199,12 @@ class RunConfig(BaseModel):
     def _check_combinations(self) -> RunConfig:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
-
-        stage = zero_stage(self)
-        if self.load_in_8bit and stage == 3:
-            raise ValueError(
-                f"load_in_8bit: 8-bit bases cannot be partitioned by ZeRO-3 (deepspeed: {self.deepspeed}); "
-                "use load_in_4bit or a ZeRO stage below 3"
-            )
-        if self.load_in_4bit and stage == 3 and self.bnb_4bit_quant_storage not in (None, self.torch_dtype):
-            raise ValueError(
-                f"bnb_4bit_quant_storage: ZeRO-3 partitions 4-bit weights only when they are stored in the "
-                f"parameter dtype ({self.torch_dtype}), got {self.bnb_4bit_quant_storage}; "
-                f"set bnb_4bit_quant_storage: {self.torch_dtype}"
-            )
-        _check_path("data_path", self.data_path)
-        _check_path("eval_data_path", self.eval_data_path)
-        if self.gguf_file is not None and resolve_gguf(self) is None:
-            raise ValueError(f"gguf_file: no such file: {self.gguf_file} (base_model: {self.base_model})")
-        base = self.base_model
-        if base is not None and _looks_like_path(base) and not Path(base).expanduser().exists():
-            raise ValueError(f"base_model: no such directory: {self.base_model}")
-        self._check_evaluation()
-        return self
-
-    def _check_evaluation(self) -> None:
         has_eval_set = self.eval_data_path is not None or self.val_set_size > 0
         if self.eval_accuracy and not has_eval_set:
             raise ValueError("eval_accuracy: there is no evaluation set; set eval_data_path or val_set_size")
         metric = self.metric_for_best_model
         if metric is None:
-            return
+            return self
         if not has_eval_set:
             raise ValueError(f"metric_for_best_model: {metric} needs an evaluation set; "
                              "set eval_data_path or val_set_size")
@@ -228,26 +215,52 @@ class RunConfig(BaseModel):
                              "evaluation, and the best of them is kept)")
         if metric == "eval_accuracy" and self.eval_accuracy is False:
             raise ValueError("metric_for_best_model: eval_accuracy needs eval_accuracy on (it is false)")
+        return self
 
-    def resolved(self) -> RunConfig:
-        """A copy with every 'None = follow another field' default made explicit."""
+    def resolved(self, zero_stage: int | None = None) -> RunConfig:
+        """A copy with every 'None = follow another field' default made explicit.
+
+        ``zero_stage`` (read from the DeepSpeed config when not given and it
+        matters) decides the 4-bit storage default.
+        """
         values = self.model_dump()
         if values["bnb_4bit_compute_dtype"] is None:
             values["bnb_4bit_compute_dtype"] = self.torch_dtype
         if values["bnb_4bit_quant_storage"] is None:
-            values["bnb_4bit_quant_storage"] = self.torch_dtype if zero_stage(self) == 3 else "uint8"
+            if zero_stage is None:
+                from .ds_config import zero_stage as stage_of
+
+                zero_stage = stage_of(self) if self.deepspeed else 0
+            values["bnb_4bit_quant_storage"] = self.torch_dtype if zero_stage == 3 else "uint8"
         if values["metric_for_best_model"] is not None and values["greater_is_better"] is None:
             values["greater_is_better"] = not values["metric_for_best_model"].endswith("loss")
         return RunConfig.model_validate(values)
+
+
+def field_help(name: str) -> str:
+    """The help text of a configuration key (the command line shows the same)."""
+    return RunConfig.model_fields[name].description or ""
+
+
+# --- what exists on disk -----------------------------------------------------------------
 
 
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~"))
 
 
-def _check_path(field: str, value: str | None) -> None:
-    if value is not None and not Path(value).expanduser().exists():
-        raise ValueError(f"{field}: no such file or directory: {value}")
+def check_files(cfg: RunConfig, *, data: bool = True) -> None:
+    """The files a configuration names exist (the model's; with ``data`` the data's too)."""
+    fields = ("data_path", "eval_data_path") if data else ()
+    for field in fields:
+        value = getattr(cfg, field)
+        if value is not None and not Path(value).expanduser().exists():
+            raise ConfigError(f"{field}: no such file or directory: {value}")
+    if cfg.gguf_file is not None and resolve_gguf(cfg) is None:
+        raise ConfigError(f"gguf_file: no such file: {cfg.gguf_file} (base_model: {cfg.base_model})")
+    base = cfg.base_model
+    if base is not None and _looks_like_path(base) and not Path(base).expanduser().exists():
+        raise ConfigError(f"base_model: no such directory: {cfg.base_model}")
 
 
 def resolve_gguf(cfg: RunConfig) -> Path | None:
@@ -260,87 +273,27 @@ def resolve_gguf(cfg: RunConfig) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-# --- DeepSpeed configs ------------------------------------------------------
-
-
-def ds_config_path(name_or_path: str) -> Path:
-    """The JSON file behind a preset name or a path; raises ConfigError if there is none."""
-    if name_or_path in DS_PRESETS:
-        return DS_PRESET_DIR / f"{name_or_path}.json"
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    hint = _nearest(name_or_path, DS_PRESETS)
-    raise ConfigError(
-        f"deepspeed: {name_or_path!r} is neither a preset ({', '.join(DS_PRESETS)}) nor an existing JSON file"
-        + (f"; did you mean {hint!r}?" if hint else "")
-    )
-
-
-def _read_ds_json(path: Path) -> dict:
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed: {path} is not valid JSON: {err}") from None
-    # The LoRA method lives in the client optimizer (gradient hooks, moment
-    # rescales) and the schedule in the run config; a DeepSpeed-built optimizer
-    # or scheduler would silently bypass both.
-    for block, field in (("optimizer", "optimizer / learning_rate / weight_decay"),
-                         ("scheduler", "lr_scheduler / warmup_steps")):
-        if block in ds:
-            raise ConfigError(
-                f"deepspeed: {path} has its own {block!r} block; remove it and set {field} "
-                f"in the run configuration instead (reflora_ds builds the {block} so that the "
-                "refactoring method can act on it)"
-            )
-    return ds
-
-
-def zero_stage(cfg: RunConfig) -> int:
-    """The ZeRO stage the run will use; 0 for deepspeed: null (the zero0 preset)."""
-    if cfg.deepspeed is None:
-        return 0
-    ds = _read_ds_json(ds_config_path(cfg.deepspeed))
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict | None:
-    """The DeepSpeed config dict with every "auto" field filled from the run config.
-
-    DeepSpeed itself does not understand "auto" (that is a Trainer convention), so
-    the values are resolved here, from the one place that defines them.
-    """
-    if cfg.deepspeed is None:
-        return None
-    ds = copy.deepcopy(_read_ds_json(ds_config_path(cfg.deepspeed)))
-    auto = {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
-        "gradient_clipping": cfg.max_grad_norm,
-        "bf16.enabled": cfg.torch_dtype == "bfloat16",
-    }
-
-    def fill(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
-                fill(value, dotted + ".")
-            elif value == "auto":
-                if dotted not in auto:
-                    raise ConfigError(f"deepspeed: {dotted} is 'auto' but nothing in the run config sets it")
-                node[key] = auto[dotted]
-
-    fill(ds, "")
-    return ds
-
-
 # --- loading, overriding, dumping -------------------------------------------
 
 
 def _nearest(key: str, choices: Any) -> str | None:
     match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     return match[0] if match else None
+
+
+# Earlier names of keys, still read (a file may not use both spellings).
+KEY_ALIASES = {"optimizer": "method"}
+
+
+def _unalias(values: dict, origin: str) -> dict:
+    values = dict(values)
+    for old, new in KEY_ALIASES.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{origin}: both {old!r} (the earlier name of {new!r}) and {new!r} are set; "
+                                  f"keep {new!r}")
+            values[new] = values.pop(old)
+    return values
 
 
 def _check_keys(keys: Any, origin: str) -> None:
@@ -359,8 +312,9 @@ def override_from_cli(cfg_dict: dict, overrides: dict | None, *, skip_none: bool
     With `skip_none` a None means "option not given", which is how CLI parsers
     report unset options; pass skip_none=False to set a field to null.
     """
-    merged = dict(cfg_dict)
+    merged = _unalias(cfg_dict, "configuration")
     if overrides:
+        overrides = _unalias(overrides, "command-line overrides")
         _check_keys(overrides, "command-line overrides")
         merged.update({k: v for k, v in overrides.items() if v is not None or not skip_none})
     return merged
@@ -389,6 +343,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def build_config(values: dict, origin: str = "configuration") -> RunConfig:
     """Validate a plain dict into a RunConfig, turning every failure into a ConfigError."""
+    values = _unalias(values, origin)
     _check_keys(values, origin)
     try:
         return RunConfig.model_validate(values)
@@ -417,10 +372,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None, *, skip_
 
 def dump_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the fully resolved config as YAML (what actually ran, defaults included)."""
+    from .atomic import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.resolved().model_dump(mode="json"), sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(cfg.resolved().model_dump(mode="json"), sort_keys=False))

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 
+from . import atomic
 from .config import RESOURCES, cache_dir
 
 IGNORE_INDEX = -100  # label value the loss skips (torch / transformers convention)
@@ -328,17 +327,10 @@ def preprocess(
     stats.update(source=str(path), format=fmt, skipped_malformed=rows.skipped, samples=len(columns["input_ids"]))
     dataset = Dataset.from_dict(columns)
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    dataset.save_to_disk(str(tmp))
-    (tmp / "reflora_meta.json").write_text(json.dumps(stats, indent=2))
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # Another process finished first; its result is identical.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not meta_file.is_file():
-            raise
+    # Concurrent ranks may tokenize at once: the first to finish puts its (identical) result in place.
+    with atomic.staged_dir(target, on_exists="keep") as tmp:
+        dataset.save_to_disk(str(tmp))
+        (tmp / "reflora_meta.json").write_text(json.dumps(stats, indent=2))
     return TokenizedData(load_from_disk(str(target)), target, False, stats)
 
 
@@ -403,6 +395,68 @@ class PadCollator:
             labels[row, :n] = torch.as_tensor(sample["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def schedule_length(n_train: int, micro_batch_size: int, accumulation: int, world: int, max_steps: int,
+                    num_epochs: float) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a training set of ``n_train`` samples."""
+    per_step = micro_batch_size * accumulation
+    steps_per_epoch = (n_train // world) // per_step
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{n_train} training samples do not fill one global batch of {per_step * world} "
+            f"(micro_batch_size {micro_batch_size} × gradient_accumulation_steps {accumulation} × {world} ranks)"
+        )
+    total = max_steps if max_steps > 0 else math.ceil(num_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def epoch_shard(dataset: Dataset, seed: int, epoch: int, rank: int, world: int) -> Dataset:
+    """This rank's rows of epoch ``epoch``, in order: the epoch's shuffle, strided over the ranks."""
+    return shard_for_rank(shuffle(dataset, seed + epoch), rank, world)
+
+
+def step_batches(shard: Dataset, step_in_epoch: int, micro_batch_size: int, accumulation: int,
+                 collate: PadCollator) -> list[dict]:
+    """This rank's micro-batches for optimizer step ``step_in_epoch`` of the epoch (contiguous rows)."""
+    first = step_in_epoch * accumulation * micro_batch_size
+    columns = shard[first:first + accumulation * micro_batch_size]
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+    return [collate(rows[j * micro_batch_size:(j + 1) * micro_batch_size]) for j in range(accumulation)]
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Tokens the loss is computed on: labels after the causal shift, minus the masked ones."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# --- a run's data -------------------------------------------------------------------
+
+
+def tokenize_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
+    """(train, eval or None, stats) of a run configuration: tokenized (cached), and its evaluation set.
+
+    The evaluation set is eval_data_path if given, else val_set_size rows held
+    out of the training data, else none.
+    """
+    options = dict(template=cfg.prompt_template, cutoff_len=cfg.cutoff_len, skip_malformed=cfg.skip_malformed_rows)
+    train_data = preprocess(cfg.data_path, tokenizer, data_format=cfg.data_format, **options)
+    train_set, eval_set = train_data.dataset, None
+    stats = {"train": train_data.stats, "cache": str(train_data.path)}
+    if cfg.eval_data_path is not None:
+        eval_data = preprocess(cfg.eval_data_path, tokenizer, **options)
+        eval_set, stats["eval"] = eval_data.dataset, eval_data.stats
+    elif cfg.val_set_size:
+        train_set, eval_set = split_validation(train_set, cfg.val_set_size, cfg.seed)
+    return train_set, eval_set, stats
+
+
+def describe_data(stats: dict, train_set: Dataset, eval_set: Dataset | None) -> str:
+    s = stats["train"]
+    text = (f"data: {len(train_set)} training samples from {s['source']} "
+            f"({s['truncated']} truncated, {s['dropped_no_target']} without target dropped, "
+            f"{s['skipped_malformed']} malformed skipped)")
+    return text + (f"; {len(eval_set)} evaluation samples" if eval_set is not None else "; no evaluation set")
 
 
 # --- display --------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from . import dist
 from .data import IGNORE_INDEX, PadCollator, build_prompt, read_rows, tokenize_rows
 
 MODES = ("generate", "likelihood")
@@ -167,18 +168,6 @@ def make_question(index: int, row: dict, template: str = "alpaca") -> Question:
 # --- model state and distribution ------------------------------------------------
 
 
-def unwrap(model):
-    """The module inside a DeepSpeed engine (or DDP), else the model itself."""
-    if "deepspeed" in sys.modules:
-        from deepspeed import DeepSpeedEngine
-
-        if isinstance(model, DeepSpeedEngine):
-            return model.module
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
 def _is_4bit_linear(module) -> bool:
     if "bitsandbytes" not in sys.modules:
         return False
@@ -208,26 +197,15 @@ def inference_mode(model) -> Iterator[None]:
             module.training = was_training
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _partitioned(model) -> bool:
-    """True when ZeRO-3 partitions the parameters (each forward is then a collective)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def _gather(records: list[dict]) -> list[dict]:
     """Every rank's records on every rank, in row order."""
-    _, world = rank_and_world()
-    if world == 1:
-        return records
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, records)
+    parts = dist.all_gather_objects(records)
     return sorted((r for part in parts for r in part), key=lambda r: r["index"])
+
+
+def _lockstep(model) -> bool:
+    """Whether every rank must run the same number of forwards (ZeRO-3 gathers parameters in each)."""
+    return dist.has_partitioned_params(model) and dist.rank_and_world()[1] > 1
 
 
 def _batches_in_lockstep(items: Sequence, batch_size: int, lockstep: bool) -> Iterator[tuple[list, bool]]:
@@ -236,9 +214,7 @@ def _batches_in_lockstep(items: Sequence, batch_size: int, lockstep: bool) -> It
     extra = 0
     if lockstep:
         # Agreed before the first forward: a collective here must not interleave with the forwards' own.
-        counts: list = [None] * rank_and_world()[1]
-        torch.distributed.all_gather_object(counts, len(batches))
-        extra = max(counts) - len(batches)
+        extra = max(dist.all_gather_objects(len(batches))) - len(batches)
     for batch in batches:
         yield batch, True
     for _ in range(extra):
@@ -288,8 +264,8 @@ def score_generate(
     dummy: Question | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """One record per question: the generation, the label parsed from it (or None), and correctness."""
-    model = unwrap(model)
-    lockstep = _partitioned(model) and rank_and_world()[1] > 1
+    model = dist.unwrap(model)
+    lockstep = _lockstep(model)
     records = []
     with inference_mode(model):
         for batch, real in _batches_in_lockstep(questions, batch_size, lockstep):
@@ -387,8 +363,8 @@ def score_likelihood(
     batch_size counts sequences. Right padding with an attention mask leaves
     every real token's logits as without padding.
     """
-    model = unwrap(model)
-    lockstep = _partitioned(model) and rank_and_world()[1] > 1
+    model = dist.unwrap(model)
+    lockstep = _lockstep(model)
     collate = PadCollator(tokenizer.pad_token_id)
     # Similar lengths side by side waste less compute on padding; scores are keyed, so order is free.
     sequences = sorted(_option_sequences(questions, tokenizer, template), key=lambda x: len(x["input_ids"]))
@@ -417,14 +393,35 @@ def score_likelihood(
 # --- loss and perplexity -------------------------------------------------------------
 
 
+def sample_loss(model, samples: Sequence[dict], *, batch_size: int, pad_token_id: int, dummy: dict | None = None,
+                on_batch: Callable[[int], None] | None = None) -> dict:
+    """Summed loss over the labelled tokens of tokenized samples, and their count (sum across ranks).
+
+    ``samples``: {"input_ids", "labels"} dicts, e.g. rows of a tokenized
+    dataset; batches keep their order. Under ZeRO-3 every rank runs the same
+    number of forwards, ``dummy`` (any sample) filling in where a rank has fewer.
+    """
+    model = dist.unwrap(model)
+    collate = PadCollator(pad_token_id)
+    total, tokens = 0.0, 0
+    with inference_mode(model):
+        for batch, real in _batches_in_lockstep(samples, batch_size, _lockstep(model)):
+            if not real:
+                response_logprobs(model, collate([dummy or samples[0]]))
+                continue
+            collated = collate(batch)
+            total -= response_logprobs(model, collated)[0].sum().item()
+            tokens += int((collated["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if on_batch:
+                on_batch(len(batch))
+    return {"loss_sum": total, "tokens": tokens}
+
+
 def score_loss(
     model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8, cutoff_len: int = 256,
     template: str = "alpaca", dummy: dict | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Summed response-token loss and token count of these rows (combine across ranks by summing)."""
-    model = unwrap(model)
-    lockstep = _partitioned(model) and rank_and_world()[1] > 1
-    collate = PadCollator(tokenizer.pad_token_id)
 
     def samples_of(part):
         if not part:
@@ -433,18 +430,22 @@ def score_loss(
         return [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"])]
 
     samples = sorted(samples_of(rows), key=lambda x: len(x["input_ids"]))  # less padding; sums ignore order
-    total, tokens = 0.0, 0
-    with inference_mode(model):
-        for batch, real in _batches_in_lockstep(samples, batch_size, lockstep):
-            if not real:
-                response_logprobs(model, collate(samples_of([dummy or rows[0]])))
-                continue
-            collated = collate(batch)
-            total -= response_logprobs(model, collated)[0].sum().item()
-            tokens += int((collated["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if on_batch:
-                on_batch(len(batch))
-    return {"loss_sum": total, "tokens": tokens}
+    # What a rank with fewer batches runs under ZeRO-3 (its loss is thrown away): any tokens will do.
+    filler = dummy or rows[0]
+    ids = tokenizer(build_prompt(filler["instruction"], filler.get("input", ""), template))["input_ids"][:cutoff_len]
+    return sample_loss(model, samples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+                       dummy={"input_ids": ids, "labels": ids}, on_batch=on_batch)
+
+
+def dataset_loss(model, dataset, *, batch_size: int, pad_token_id: int) -> float:
+    """Token-mean loss of a tokenized dataset on all ranks together (each takes a stride of the rows)."""
+    rank, world = dist.rank_and_world()
+    mine = dataset.select(range(rank, len(dataset), world), keep_in_memory=True)
+    samples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(mine["input_ids"], mine["labels"])]
+    first = {"input_ids": dataset[0]["input_ids"], "labels": dataset[0]["labels"]}
+    local = sample_loss(model, samples, batch_size=batch_size, pad_token_id=pad_token_id, dummy=first)
+    total, count = dist.all_reduce([local["loss_sum"], local["tokens"]], _device(dist.unwrap(model)))
+    return total / max(count, 1)
 
 
 # --- one set, all ranks ---------------------------------------------------------------
@@ -512,7 +513,7 @@ def evaluate(
     if not rows:
         raise EvalError(f"{task or name}: no rows to evaluate")
     result = EvalResult(task=task or name, rows=len(rows))
-    rank, world = rank_and_world()
+    rank, world = dist.rank_and_world()
     start = time.perf_counter()
 
     def report(stage: str, total: int) -> Callable[[int], None] | None:
@@ -564,6 +565,43 @@ def evaluate(
         result.seconds["loss"] = time.perf_counter() - loss_start
     result.seconds["total"] = time.perf_counter() - start
     return result
+
+
+def accuracy_rows(cfg, eval_set) -> list[dict] | None:
+    """The evaluation rows a training run scores for accuracy, or None when accuracy is off.
+
+    They are the rows behind the tokenized evaluation samples (source_row), in
+    the same order, the first eval_accuracy_limit of them. With eval_accuracy
+    null, accuracy is on when every one carries an answer label this module knows.
+    """
+    from .data import EMBEDDED_TRAIN, DataError
+
+    if eval_set is None or cfg.eval_accuracy is False:
+        return None
+    own_file = cfg.eval_data_path is not None
+    source = cfg.eval_data_path if own_file else cfg.data_path
+    rows = read_rows(source, "auto" if own_file else cfg.data_format, skip_malformed=cfg.skip_malformed_rows).rows
+    picked = [(i, rows[i]) for i in eval_set["source_row"]][:cfg.eval_accuracy_limit]
+    for index, row in picked:
+        problem = _label_problem(row)
+        if problem is None:
+            continue
+        if cfg.eval_accuracy or cfg.metric_for_best_model == "eval_accuracy":
+            raise DataError(f"eval_accuracy: {source or EMBEDDED_TRAIN}: row {index}: {problem} "
+                            "(set eval_accuracy: false to evaluate the loss only)")
+        return None
+    return [row for _, row in picked]
+
+
+def _label_problem(row: dict) -> str | None:
+    """Why a row cannot be scored for accuracy, or None if it can."""
+    if not row.get("answer"):
+        return "no answer label"
+    try:
+        label_format(row["answer"])
+    except EvalError as err:
+        return str(err)
+    return None
 
 
 # --- reporting -------------------------------------------------------------------------

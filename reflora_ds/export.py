@@ -21,14 +21,9 @@ output says so.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import re
-import shutil
-import sys
-import uuid
 from pathlib import Path
 
 import torch
@@ -36,7 +31,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
-from .evaluate import rank_and_world, unwrap
+from . import atomic, dist
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,29 +59,6 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _gathered(params: list[torch.nn.Parameter]):
-    """All of each ZeRO-3 parameter on every rank for the duration (a collective); else nothing to do."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
-def _full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
-    # ZeRO-3 keeps the real shape in ds_shape; param.shape is the empty placeholder.
-    return tuple(getattr(param, "ds_shape", param.shape))
-
-
-def _is_engine(model) -> bool:
-    if "deepspeed" not in sys.modules:  # no engine can exist without it
-        return False
-    from deepspeed import DeepSpeedEngine
-
-    return isinstance(model, DeepSpeedEngine)
-
-
 def trainable_state_dict(model_or_engine) -> dict[str, torch.Tensor]:
     """Full CPU copies of the trainable parameters, by module parameter name.
 
@@ -94,24 +66,24 @@ def trainable_state_dict(model_or_engine) -> dict[str, torch.Tensor]:
     plain model: the parameters in their own dtype. A collective under ZeRO
     (1-3 for masters, 3 for parameters): call it on every rank.
     """
-    engine = model_or_engine if _is_engine(model_or_engine) else None
-    params = _trainable(unwrap(model_or_engine))
+    engine = model_or_engine if dist.is_engine(model_or_engine) else None
+    params = _trainable(dist.unwrap(model_or_engine))
     if not params:
         raise ExportError("the model has no trainable parameters: nothing to export")
     if engine is not None:
         from .zero import full_fp32_master
 
         # Every rank reads every master in the same order, also a ZeRO-1/2 rank
-        # that holds no piece of it (its _hp_mapping is None): each read is a collective.
+        # that holds no piece of it: each read is a collective.
         state = {name: full_fp32_master(engine, p).detach().to("cpu", torch.float32, copy=True)
                  for name, p in params}
     else:
-        with _gathered([p for _, p in params]):
+        with dist.gathered([p for _, p in params]):
             # Copy inside the context: leaving it frees the gathered storage again.
             state = {name: p.detach().to("cpu", copy=True) for name, p in params}
     for name, p in params:
-        if tuple(state[name].shape) != _full_shape(p):
-            raise ExportError(f"{name}: gathered shape {tuple(state[name].shape)} != {_full_shape(p)}")
+        if tuple(state[name].shape) != dist.full_shape(p):
+            raise ExportError(f"{name}: gathered shape {tuple(state[name].shape)} != {dist.full_shape(p)}")
     return state
 
 
@@ -134,7 +106,7 @@ def adapter_state_dict(peft_model, state: dict[str, torch.Tensor], adapter_name:
     """
     from peft import get_peft_model_state_dict
 
-    expected = {name: _full_shape(p) for name, p in _trainable(peft_model)}
+    expected = {name: dist.full_shape(p) for name, p in _trainable(peft_model)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -160,19 +132,12 @@ def _write_adapter(adapter: dict, peft_config, out_dir: Path, *, base_model: str
     config.inference_mode = True
     if base_model is not None:
         config.base_model_name_or_path = base_model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".export.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic.staged_dir(out_dir, on_exists="merge") as tmp:
         save_file({k: v.contiguous() for k, v in adapter.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         if run_config is not None:
             settings = {k: v for k, v in run_config.resolved().model_dump(mode="json").items() if k in MODEL_KEYS}
             (tmp / RUN_CONFIG).write_text(yaml.safe_dump(settings, sort_keys=False))
-        for item in tmp.iterdir():
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_adapter(
@@ -192,20 +157,18 @@ def export_adapter(
     """
     from peft import PeftModel
 
-    model = unwrap(model_or_engine)
+    model = dist.unwrap(model_or_engine)
     if not isinstance(model, PeftModel):
         raise ExportError(f"expected a PEFT model (or an engine around one), got {type(model).__name__}")
     state = trainable_state_dict(model_or_engine)
     _check_not_empty(state, "gathered parameters")
     # Checked on every rank, so that a bad adapter stops all of them (not rank 0 alone, leaving the rest waiting).
     adapter = adapter_state_dict(model, state, adapter_name)
-    rank, world = rank_and_world()
     out_dir = Path(out_dir)
-    if rank == 0:
+    if dist.is_main():
         _write_adapter(adapter, model.peft_config[adapter_name], out_dir, base_model=base_model,
                        run_config=run_config)
-    if world > 1:
-        torch.distributed.barrier()
+    dist.barrier()
     return out_dir
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .dist import full_shape
+
 
 class UnsupportedLoraLayer(TypeError):
     """A LoRA layer whose factors are not two matrices (e.g. convolutions)."""
@@ -29,12 +31,7 @@ class LoraPair:
 
     @property
     def rank(self) -> int:
-        return self._shape(self.A)[0]
-
-    @staticmethod
-    def _shape(p: nn.Parameter) -> tuple:
-        # Under ZeRO-3 a parameter's data is a placeholder; ds_shape is real.
-        return tuple(getattr(p, "ds_shape", p.shape))
+        return full_shape(self.A)[0]  # also under ZeRO-3, where A's data is a placeholder
 
 
 def _active_adapters(module: nn.Module) -> list[str]:

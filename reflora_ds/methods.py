@@ -33,7 +33,8 @@ it keeps DeepSpeed's fp32 master and its low-precision copy consistent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -45,22 +46,88 @@ from .refactor import (
     scaledgd_preconditioners,
 )
 
-METHODS = ("lora", "loraplus", "scaledgd", "reflora", "reflora_s", "refactor")
+# A gradient multiplier: an r×r matrix, a scalar, or None for "leave as is".
+Multiplier = Tensor | float | None
 
-# Which per-layer statistics a method's plan is made from.
-NEEDS = {
-    "lora": None,
-    "loraplus": None,
-    "scaledgd": "grams",
-    "reflora": "grams",
-    "refactor": "grams",
-    "reflora_s": "norms",
-}
+
+@dataclass
+class StepPlan:
+    grad_A: list[Multiplier]
+    grad_B: list[Multiplier]
+    rescale: list[float] | None = None  # p per pair (reflora_s)
+    refactor: list[tuple[Tensor, Tensor] | None] | None = None  # (Q, Q⁻¹) per pair
+    fallbacks: int = 0  # layers left as they are (degenerate factors)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method is, declared once; backends, configuration, CLI and benchmarks read it.
+
+    ``needs``: what its per-step plan is made from ("grams": A Aᵀ and Bᵀ B per
+    layer, "norms": the squared norms, None: no plan).  ``edits_weights``: it
+    moves the factors at the step boundary.  ``needs_adam_moments``: it
+    rescales Adam's moments.  ``b_lr_ratio``: B trains at
+    ``loraplus_lr_ratio`` × the learning rate.
+    """
+
+    name: str
+    summary: str
+    needs: str | None = None
+    edits_weights: bool = False
+    needs_adam_moments: bool = False
+    b_lr_ratio: bool = False
+    plan: Callable[["MethodConfig", Tensor, Tensor], StepPlan] | None = None
+
+
+def _scaledgd_plan(cfg: "MethodConfig", gram_a: Tensor, gram_b: Tensor) -> StepPlan:
+    left_a, right_b = scaledgd_preconditioners(gram_a, gram_b, cfg.scaledgd_delta)
+    return StepPlan(grad_A=list(left_a), grad_B=list(right_b))
+
+
+def _reflora_plan(cfg: "MethodConfig", gram_a: Tensor, gram_b: Tensor) -> StepPlan:
+    sol = refactor_from_grams(gram_a, gram_b, rank_tol=cfg.rank_tol)
+    ok = sol.ok.tolist()
+    return StepPlan(grad_A=[sol.S_inv[i] if good else None for i, good in enumerate(ok)],
+                    grad_B=[sol.S[i] if good else None for i, good in enumerate(ok)], fallbacks=sol.fallbacks)
+
+
+def _refactor_plan(cfg: "MethodConfig", gram_a: Tensor, gram_b: Tensor) -> StepPlan:
+    sol = refactor_from_grams(gram_a, gram_b, rank_tol=cfg.rank_tol)
+    ok = sol.ok.tolist()
+    return StepPlan(grad_A=[sol.Q_inv[i].T if good else None for i, good in enumerate(ok)],
+                    grad_B=[sol.Q[i].T if good else None for i, good in enumerate(ok)],
+                    refactor=[(sol.Q[i], sol.Q_inv[i]) if good else None for i, good in enumerate(ok)],
+                    fallbacks=sol.fallbacks)
+
+
+def _reflora_s_plan(cfg: "MethodConfig", sq_norm_a: Tensor, sq_norm_b: Tensor) -> StepPlan:
+    p, ok = scalar_balance(sq_norm_a, sq_norm_b)
+    p = p.tolist()
+    return StepPlan(grad_A=[1.0 / x for x in p], grad_B=list(p), rescale=p, fallbacks=int((~ok).sum()))
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("reflora", "RefLoRA: ∇A ← S⁻¹∇A, ∇B ← ∇B·S each step", needs="grams", plan=_reflora_plan),
+    Method("reflora_s", "RefLoRA-S: A, B and Adam's moments rescaled to equal norms each step", needs="norms",
+           edits_weights=True, needs_adam_moments=True, plan=_reflora_s_plan),
+    Method("refactor", "the factors moved to the balanced pair A ← QA, B ← BQ⁻¹ each step", needs="grams",
+           edits_weights=True, plan=_refactor_plan),
+    Method("lora", "plain LoRA with AdamW"),
+    Method("loraplus", "LoRA+: B at loraplus_lr_ratio × the learning rate", b_lr_ratio=True),
+    Method("scaledgd", "ScaledGD: ∇A ← (BᵀB + δI)⁻¹∇A, ∇B ← ∇B(AAᵀ + δI)⁻¹", needs="grams",
+           plan=_scaledgd_plan),
+)}
+METHODS = tuple(REGISTRY)
+
+
+def methods_help() -> str:
+    """One line per method, for command-line and configuration help."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """How to train the LoRA factors.
+    """How to train the LoRA factors: a registered method and its options.
 
     ``warmup``: optimizer steps before the first refactor (PEFT starts from
     B = 0, where the refactor is undefined).  ``interval``: refactor every
@@ -75,8 +142,8 @@ class MethodConfig:
     rank_tol: float = DEFAULT_RANK_TOL
 
     def __post_init__(self):
-        if self.name not in METHODS:
-            raise ValueError(f"optimizer method {self.name!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.name not in REGISTRY:
+            raise ValueError(f"method {self.name!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.warmup < 0:
             raise ValueError(f"refactor_warmup must be >= 0, got {self.warmup}")
         if self.interval < 1:
@@ -87,12 +154,12 @@ class MethodConfig:
             raise ValueError(f"scaledgd_delta must be > 0, got {self.scaledgd_delta}")
 
     @property
-    def needs(self) -> str | None:
-        return NEEDS[self.name]
+    def spec(self) -> Method:
+        return REGISTRY[self.name]
 
     @property
-    def edits_weights(self) -> bool:
-        return self.name in ("reflora_s", "refactor")
+    def needs(self) -> str | None:
+        return self.spec.needs
 
     def active(self, steps_done: int) -> bool:
         """Whether the window leading to optimizer step ``steps_done + 1`` is refactored."""
@@ -100,57 +167,9 @@ class MethodConfig:
             return False
         return (steps_done - self.warmup) % self.interval == 0
 
-
-# A gradient multiplier: an r×r matrix, a scalar, or None for "leave as is".
-Multiplier = Tensor | float | None
-
-
-@dataclass
-class StepPlan:
-    grad_A: list[Multiplier]
-    grad_B: list[Multiplier]
-    rescale: list[float] | None = None  # p per pair (reflora_s)
-    refactor: list[tuple[Tensor, Tensor]] | None = None  # (Q, Q⁻¹) per pair
-    fallbacks: int = 0  # layers left as they are (degenerate factors)
-    extras: dict = field(default_factory=dict)
-
-
-def plan_from_grams(cfg: MethodConfig, gram_a: Tensor, gram_b: Tensor) -> StepPlan:
-    """The plan of a Gram-based method for layers stacked along dim 0 (fp64)."""
-    n = gram_a.shape[0]
-    if cfg.name == "scaledgd":
-        left_a, right_b = scaledgd_preconditioners(gram_a, gram_b, cfg.scaledgd_delta)
-        return StepPlan(grad_A=list(left_a), grad_B=list(right_b))
-    sol = refactor_from_grams(gram_a, gram_b, rank_tol=cfg.rank_tol)
-    ok = sol.ok.tolist()
-    if cfg.name == "reflora":
-        return StepPlan(
-            grad_A=[sol.S_inv[i] if ok[i] else None for i in range(n)],
-            grad_B=[sol.S[i] if ok[i] else None for i in range(n)],
-            fallbacks=sol.fallbacks,
-        )
-    if cfg.name == "refactor":
-        return StepPlan(
-            grad_A=[sol.Q_inv[i].T if ok[i] else None for i in range(n)],
-            grad_B=[sol.Q[i].T if ok[i] else None for i in range(n)],
-            refactor=[(sol.Q[i], sol.Q_inv[i]) if ok[i] else None for i in range(n)],
-            fallbacks=sol.fallbacks,
-        )
-    raise ValueError(f"method {cfg.name!r} is not made from Gram matrices")
-
-
-def plan_from_norms(cfg: MethodConfig, sq_norm_a: Tensor, sq_norm_b: Tensor) -> StepPlan:
-    """RefLoRA-S's plan from the squared Frobenius norms of A and B."""
-    if cfg.name != "reflora_s":
-        raise ValueError(f"method {cfg.name!r} is not made from norms")
-    p, ok = scalar_balance(sq_norm_a, sq_norm_b)
-    p = p.tolist()
-    return StepPlan(
-        grad_A=[1.0 / x for x in p],
-        grad_B=list(p),
-        rescale=p,
-        fallbacks=int((~ok).sum()),
-    )
+    def make_plan(self, stats_a: Tensor, stats_b: Tensor) -> StepPlan:
+        """The plan for layers stacked along dim 0, from what ``needs`` names (fp64)."""
+        return self.spec.plan(self, stats_a, stats_b)
 
 
 def merge_plans(plans: list[tuple[list[int], StepPlan]], n: int) -> StepPlan:
@@ -192,7 +211,7 @@ def moment_scales(p: float, side: str) -> tuple[float, float, float]:
 
 def lora_param_groups(pairs, other_params, lr: float, cfg: MethodConfig, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups: LoRA+ gives B its own learning rate."""
-    if cfg.name != "loraplus":
+    if not cfg.spec.b_lr_ratio:
         params = [q for pair in pairs for q in (pair.A, pair.B)] + list(other_params)
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
     groups = [

@@ -12,9 +12,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -23,13 +20,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
-    PreTrainedTokenizerFast,
 )
 
+from . import atomic
 from .config import RunConfig, cache_dir, resolve_gguf
+from .dist import local_rank
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -85,22 +81,15 @@ def convert_gguf(gguf: str | Path, cache_root: str | Path | None = None) -> Path
     plain.load_state_dict(loaded.state_dict())
     del loaded
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    st = gguf.stat()
-    # Written last: its presence marks a complete conversion.
-    (tmp / "reflora_source.json").write_text(
-        json.dumps({"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2)
-    )
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        # Another process converted the same file first.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "reflora_source.json").is_file():
-            raise
+    # Another process may convert the same file at once: the first to finish puts its copy in place.
+    with atomic.staged_dir(target, on_exists="keep") as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        st = gguf.stat()
+        # Written last: its presence marks a complete conversion.
+        (tmp / "reflora_source.json").write_text(
+            json.dumps({"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2)
+        )
     return target
 
 
@@ -149,7 +138,7 @@ def quantization_config(cfg: RunConfig) -> BitsAndBytesConfig | None:
 
 def _default_device() -> str:
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{local_rank()}"
     return "cpu"
 
 
@@ -205,78 +194,3 @@ def wrap_with_lora(model: PreTrainedModel, cfg: RunConfig) -> PeftModel:
     peft_model = get_peft_model(model, lora_config(cfg))
     peft_model.train()
     return peft_model
-
-
-# --- a tiny model for tests ---------------------------------------------------------
-
-_TINY_CORPUS = [
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "Below is an instruction that describes a task, paired with an input that provides further context.",
-    "### Instruction:\n### Input:\n### Response:\n",
-    "Please choose the correct answer to the question: Which factor will most likely cause a fever?",
-    "Answer1: a leg muscle Answer2: a bacterial population Answer3: viral particles Answer4: carbohydrates",
-    "Answer format: answer1/answer2/answer3/answer4",
-    "the correct answer is answer1. the correct answer is answer2. the correct answer is answer3.",
-    "the correct answer is answer4. true false option1 option2 solution1 solution2",
-    "The quick brown fox jumps over the lazy dog. A tiny model learns from a tiny corpus.",
-]
-
-
-def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in-process: any text encodes, nothing downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_TINY_CORPUS, trainer)
-    # Prepend BOS as LLaMA tokenizers do, so the prompt masking sees a special token.
-    bos_id = backend.token_to_id("<s>")
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def tiny_llama(
-    save_dir: str | Path | None = None, seed: int = 0, **overrides
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A randomly initialised two-layer LLaMA and its tokenizer, built in-process.
-
-    `overrides` go to LlamaConfig. With `save_dir` both are saved there as a
-    safetensors directory, loadable as an ordinary HF base model.
-    """
-    tokenizer = tiny_tokenizer()
-    settings = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings))
-    model.train()
-    if save_dir is not None:
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
-    return model, tokenizer

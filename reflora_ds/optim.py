@@ -22,21 +22,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .dist import unwrap
 from .lora_pairs import find_lora_pairs
 from .methods import MethodConfig, lora_param_groups
 from .stepper import LoraStepper, local_factors
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP / DeepSpeed engines
-
-
-class RefLoRA(LoraStepper):
+class TorchStepper(LoraStepper):
     """A LoRA method attached to a ``torch.optim`` optimizer. Use :func:`attach`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, method: MethodConfig,
                  max_grad_norm: float | None = None):
-        pairs = find_lora_pairs(_unwrap(model))
+        pairs = find_lora_pairs(unwrap(model))
         _check_optimizer(optimizer, pairs, method)
         super().__init__(pairs, method)
         self.optimizer = optimizer
@@ -67,7 +64,7 @@ class RefLoRA(LoraStepper):
             return  # before the first step there are no moments to rescale
         if "exp_avg" not in state or "exp_avg_sq" not in state:
             raise TypeError(
-                f"reflora_s rescales Adam moments, but {type(self.optimizer).__name__} keeps "
+                f"{self.method.name} rescales Adam moments, but {type(self.optimizer).__name__} keeps "
                 f"{sorted(state)}: use Adam/AdamW, or method 'reflora'"
             )
         state["exp_avg"].mul_(exp_avg)
@@ -87,17 +84,17 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, pairs, method: MethodConf
     if missing:
         raise ValueError(f"the optimizer does not update these LoRA factors: {', '.join(missing[:5])}")
     stateless_sgd = isinstance(optimizer, torch.optim.SGD) and not optimizer.defaults.get("momentum")
-    if method.name == "reflora_s" and "betas" not in optimizer.defaults and not stateless_sgd:
+    if method.spec.needs_adam_moments and "betas" not in optimizer.defaults and not stateless_sgd:
         raise TypeError(
-            f"reflora_s rescales Adam moments (exp_avg, exp_avg_sq); {type(optimizer).__name__} has none: "
+            f"{method.name} rescales Adam moments (exp_avg, exp_avg_sq); {type(optimizer).__name__} has none: "
             "use Adam/AdamW, or method 'reflora'"
         )
-    if method.name == "loraplus":
+    if method.spec.b_lr_ratio:
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
         bad = [p.name for p in pairs if abs(lr_of[id(p.B)] - method.loraplus_lr_ratio * lr_of[id(p.A)]) > 1e-12 * lr_of[id(p.B)]]
         if bad:
             raise ValueError(
-                "loraplus needs B's learning rate to be loraplus_lr_ratio × A's: build the optimizer "
+                f"{method.name} needs B's learning rate to be loraplus_lr_ratio × A's: build the optimizer "
                 "from reflora_ds.param_groups(model, ...)"
             )
 
@@ -105,7 +102,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, pairs, method: MethodConf
 def param_groups(model: nn.Module, lr: float, method: MethodConfig | str = "lora", weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups for a PEFT model's trainable parameters (LoRA+ aware)."""
     method = MethodConfig(name=method) if isinstance(method, str) else method
-    model = _unwrap(model)
+    model = unwrap(model)
     pairs = find_lora_pairs(model)
     in_pairs = {id(q) for p in pairs for q in (p.A, p.B)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
@@ -113,10 +110,13 @@ def param_groups(model: nn.Module, lr: float, method: MethodConfig | str = "lora
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, method: str = "reflora", *,
-           warmup: int = 0, interval: int = 1, max_grad_norm: float | None = None, **options) -> RefLoRA:
+           warmup: int = 0, interval: int = 1, max_grad_norm: float | None = None, **options) -> TorchStepper:
     """Attach a LoRA method to ``optimizer``; it then runs on every ``optimizer.step()``.
 
     ``options``: ``loraplus_lr_ratio``, ``scaledgd_delta``, ``rank_tol``.
     """
     cfg = MethodConfig(name=method, warmup=warmup, interval=interval, **options)
-    return RefLoRA(model, optimizer, cfg, max_grad_norm=max_grad_norm)
+    return TorchStepper(model, optimizer, cfg, max_grad_norm=max_grad_norm)
+
+
+RefLoRA = TorchStepper  # the name of earlier releases

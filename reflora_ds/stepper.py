@@ -30,8 +30,6 @@ from .methods import (
     apply_multiplier,
     merge_plans,
     moment_scales,
-    plan_from_grams,
-    plan_from_norms,
     to_factor_dtype,
 )
 from .refactor import factor_grams
@@ -102,11 +100,11 @@ class LoraStepper:
             with self._full_factors() as factors:
                 for idx in group_by_rank(self.pairs).values():
                     gram_a, gram_b = factor_grams([factors[i][0] for i in idx], [factors[i][1] for i in idx])
-                    parts.append((idx, plan_from_grams(self.method, gram_a, gram_b)))
+                    parts.append((idx, self.method.make_plan(gram_a, gram_b)))
             plan = merge_plans(parts, n)
         else:
             sq_a, sq_b = self._sq_norms()
-            plan = merge_plans([(list(range(n)), plan_from_norms(self.method, sq_a, sq_b))], n)
+            plan = merge_plans([(list(range(n)), self.method.make_plan(sq_a, sq_b))], n)
         for i, pair in enumerate(self.pairs):
             plan.grad_A[i] = to_factor_dtype(plan.grad_A[i], pair.A)
             plan.grad_B[i] = to_factor_dtype(plan.grad_B[i], pair.B)
@@ -118,7 +116,7 @@ class LoraStepper:
     def apply_weight_edits(self) -> None:
         """RefLoRA-S rescale or refactor, at the boundary before the base update."""
         plan = self.plan
-        if plan is None:
+        if plan is None or not self.method.spec.edits_weights:
             return
         if plan.rescale is not None:
             for pair, p in zip(self.pairs, plan.rescale):
@@ -148,8 +146,8 @@ class LoraStepper:
         """Restore the step count; the plan is recomputed from the loaded factors."""
         if state.get("method") != self.method.name:
             raise ValueError(
-                f"checkpoint was trained with optimizer {state.get('method')!r}, "
-                f"this run uses {self.method.name!r}: set optimizer to {state.get('method')!r} to resume"
+                f"checkpoint was trained with method {state.get('method')!r}, "
+                f"this run uses {self.method.name!r}: set method to {state.get('method')!r} to resume"
             )
         self.steps_done = int(state["steps_done"])
         self.stats = dict(state.get("stats", self.stats))

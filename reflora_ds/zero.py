@@ -21,7 +21,7 @@ Gradient clipping (``gradient_clipping`` in the DeepSpeed config) acts on the
 reduced, already preconditioned gradient, as with ``optim.attach``.
 
     engine, *_ = deepspeed.initialize(model=peft_model, optimizer=opt, config=ds_config)
-    method = ZeroRefLoRA(engine, MethodConfig("reflora", warmup=100))
+    method = ZeroStepper(engine, MethodConfig("reflora", warmup=100))
     for batch in loader:
         engine.backward(engine(**batch).loss)
         method.step()                     # instead of engine.step()
@@ -29,14 +29,10 @@ reduced, already preconditioned gradient, as with ``optim.attach``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from . import dist
 from .lora_pairs import find_lora_pairs
 from .methods import MethodConfig
 from .stepper import LoraStepper, local_factors
@@ -44,26 +40,7 @@ from .stepper import LoraStepper, local_factors
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_distributed_env() -> None:
-    """Make ``deepspeed.init_distributed()`` work in a process no launcher started.
-
-    Without the launcher's variables DeepSpeed falls back to MPI discovery,
-    which fails without mpi4py; a lone process is rank 0 of a world of 1.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-class ZeroRefLoRA(LoraStepper):
+class ZeroStepper(LoraStepper):
     """A :class:`MethodConfig` running inside a DeepSpeed engine (ZeRO 0-3)."""
 
     def __init__(self, engine, method: MethodConfig):
@@ -71,8 +48,9 @@ class ZeroRefLoRA(LoraStepper):
         self.stage = engine.zero_optimization_stage()
         if engine.fp16_enabled():
             raise ValueError("fp16 (loss scaling may skip steps) is not supported: use bf16 or fp32")
-        if method.name == "reflora_s" and "betas" not in _client_optimizer(engine).defaults:
-            raise TypeError("reflora_s rescales Adam moments (exp_avg, exp_avg_sq): use Adam/AdamW")
+        check_internals(engine)
+        if method.spec.needs_adam_moments and "betas" not in client_optimizer(engine).defaults:
+            raise TypeError(f"{method.name} rescales Adam moments (exp_avg, exp_avg_sq): use Adam/AdamW")
         self.comm_bytes = 0  # bytes of LoRA factors gathered for refactoring, all steps
         self.last_comm_bytes = 0
         super().__init__(find_lora_pairs(engine.module), method)
@@ -94,31 +72,31 @@ class ZeroRefLoRA(LoraStepper):
             return local_factors(self.pairs)
         return self._gathered_factors()
 
-    @contextlib.contextmanager
     def _gathered_factors(self):
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters, ZeroParamStatus
+        import contextlib
 
-        params = [q for pair in self.pairs for q in (pair.A, pair.B)]
-        # Factors below stage3_param_persistence_threshold stay gathered; passing
-        # them in would re-partition them on exit and cost a gather next forward.
-        missing = [q for q in params if q.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        # Every rank receives the (world-1)/world of each factor it does not hold.
-        world = dist.get_world_size()
-        self.last_comm_bytes = sum(q.ds_numel * q.element_size() for q in missing) * (world - 1) // world
-        self.comm_bytes += self.last_comm_bytes
-        with GatheredParameters(missing, modifier_rank=None), torch.no_grad():
-            yield [(pair.A.detach(), pair.B.detach()) for pair in self.pairs]
+        @contextlib.contextmanager
+        def gather():
+            params = [q for pair in self.pairs for q in (pair.A, pair.B)]
+            with dist.gathered(params, only_released=True) as missing, torch.no_grad():
+                # Every rank receives the (world-1)/world of each factor it does not hold.
+                world = dist.rank_and_world()[1]
+                self.last_comm_bytes = sum(q.ds_numel * q.element_size() for q in missing) * (world - 1) // world
+                self.comm_bytes += self.last_comm_bytes
+                yield [(pair.A.detach(), pair.B.detach()) for pair in self.pairs]
+
+        return gather()
 
     def _sq_norms(self) -> tuple[Tensor, Tensor]:
         with self._full_factors() as factors:
-            sq = lambda t: t.double().pow(2).sum()
+            sq = lambda t: t.double().pow(2).sum()  # noqa: E731
             return torch.stack([sq(a) for a, _ in factors]), torch.stack([sq(b) for _, b in factors])
 
     # -- masters and moments ------------------------------------------------------
 
     @torch.no_grad()
     def _scale_param(self, param, weight: float, exp_avg: float, exp_avg_sq: float) -> None:
-        have_moments = _has_moments(_client_optimizer(self.engine))  # none before the first step
+        have_moments = _has_moments(client_optimizer(self.engine))  # none before the first step
         if self.stage == 3:
             from deepspeed.utils import (
                 safe_get_local_fp32_param,
@@ -142,13 +120,16 @@ class ZeroRefLoRA(LoraStepper):
 
     @torch.no_grad()
     def _set_full_master(self, param, value: Tensor) -> None:
-        if not _is_partitioned(param):
+        if not _master_is_partitioned(param):
             master, _ = _stage0_master(self.engine, param)
             master.copy_(value)
             return
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value.float())
+
+
+ZeroRefLoRA = ZeroStepper  # the name of earlier releases
 
 
 def full_fp32_master(engine, param) -> Tensor:
@@ -158,7 +139,7 @@ def full_fp32_master(engine, param) -> Tensor:
     every rank must call it for the same parameters in the same order, also a
     rank that holds no piece of ``param``.
     """
-    if _is_partitioned(param):
+    if _master_is_partitioned(param):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param)
@@ -171,16 +152,53 @@ def _has_moments(opt: torch.optim.Optimizer) -> bool:
     return any("exp_avg" in state for state in opt.state.values())
 
 
-def _is_partitioned(param) -> bool:
-    """Whether DeepSpeed keeps this parameter's master in flat partitions (ZeRO 1-3, bf16)."""
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+# --- DeepSpeed internals ------------------------------------------------------------------------
+# Everything below reaches into attributes DeepSpeed does not document. It was
+# written against DeepSpeed 0.16-0.19 (and checked on 0.19.8); check_internals()
+# names whatever a later version no longer has, before training starts.
+
+DEEPSPEED_WRITTEN_FOR = "0.16 to 0.19"
 
 
-def _client_optimizer(engine) -> torch.optim.Optimizer:
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer the run built, inside DeepSpeed's wrappers."""
     opt = engine.optimizer
     while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
+
+
+def _has_fp32_groups(engine) -> bool:
+    return hasattr(engine.optimizer, "fp16_groups") and hasattr(engine.optimizer, "fp32_groups")
+
+
+def check_internals(engine) -> None:
+    """Fail with a clear message if this DeepSpeed lacks an internal attribute zero.py relies on."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    stage = engine.zero_optimization_stage()
+    fragments = any(hasattr(p, "_hp_mapping") for p in params)
+    missing = []
+    if stage in (1, 2) and not (params and all(hasattr(p, "_hp_mapping") for p in params)):
+        missing.append("param._hp_mapping (fp32 master fragments)")
+    if stage in (1, 2) or fragments:
+        for name in ("_hp_optimizer_states_linked", "_lazy_init_hp_params_optimizer_state"):
+            if not hasattr(engine.optimizer, name):
+                missing.append(f"{type(engine.optimizer).__name__}.{name}")
+    if stage == 0 and engine.bfloat16_enabled() and not fragments and not _has_fp32_groups(engine):
+        missing.append(f"{type(engine.optimizer).__name__}.fp16_groups / fp32_groups (bf16 masters)")
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__} lacks what reflora_ds's ZeRO support uses: {', '.join(missing)}. "
+            f"It was written for DeepSpeed {DEEPSPEED_WRITTEN_FOR}: install one of those versions "
+            "(pip install 'deepspeed>=0.16,<0.20')"
+        )
+
+
+def _master_is_partitioned(param) -> bool:
+    """Whether DeepSpeed keeps this parameter's master in flat partitions (ZeRO 1-3, bf16)."""
+    return dist.is_partitioned(param) or hasattr(param, "_hp_mapping")
 
 
 def _stage0_master(engine, param):
@@ -190,7 +208,7 @@ def _stage0_master(engine, param):
     fp32 copies beside the model's bf16 parameters.
     """
     opt = engine.optimizer
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+    if _has_fp32_groups(engine):
         for low, high in zip(opt.fp16_groups, opt.fp32_groups):
             for q16, q32 in zip(low, high):
                 if q16 is param:
@@ -198,7 +216,7 @@ def _stage0_master(engine, param):
         raise KeyError("parameter not found in the optimizer's fp32 groups")
     if getattr(param, "_hp_mapping", None) is not None:
         raise AssertionError("stage-0 path used for a fragment-mapped parameter")
-    return param, _client_optimizer(engine)
+    return param, client_optimizer(engine)
 
 
 def _local_views(engine, param) -> dict[str, Tensor | None]:
@@ -213,7 +231,7 @@ def _local_views(engine, param) -> dict[str, Tensor | None]:
         mapping = param._hp_mapping
         if mapping is None:
             return views
-        if not mapping.optim_fragment and _has_moments(_client_optimizer(engine)):
+        if not mapping.optim_fragment and _has_moments(client_optimizer(engine)):
             # Loading a checkpoint re-creates the mappings but leaves DeepSpeed's
             # "moments linked" flag set, so the moment views would never come back.
             engine.optimizer._hp_optimizer_states_linked = False

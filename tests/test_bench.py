@@ -63,7 +63,7 @@ def test_overhead_quick(tmp_path):
     assert all(finite_positive(v) for v in step["component_ratio"].values())
     assert ref["shape"]["modules"] == 10 and ref["fallbacks"] == 0
     assert all(finite_positive(v["median"]) for v in ref["seconds"].values())
-    assert ref["prototype_max_rel_diff_S"] < 1e-6  # the no-copy Grams give the same refactor
+    assert ref["max_rel_diff_S_vs_stacked"] < 1e-6  # the earlier Gram routine gives the same refactor
     assert len(record["targets"]) == 5
 
 
@@ -106,7 +106,7 @@ def test_memory_quick(tmp_path):
     for r in runs.values():
         assert r["peak_rss"] >= r["rss_after_load"] > 0
         assert all(math.isfinite(x) for x in r["losses"])
-        assert r["lora_grad_norms"][0] > 0  # the 4-bit base trains (DESIGN §2: train mode first)
+        assert r["lora_grad_norms"][0] > 0  # the 4-bit base trains (put in train mode before any forward)
 
 
 @pytest.mark.distributed

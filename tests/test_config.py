@@ -4,19 +4,28 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reflora_ds import ds_config
 from reflora_ds.config import (
     DEFAULT_TARGET_MODULES,
-    DS_PRESETS,
     ConfigError,
     RunConfig,
-    deepspeed_config,
-    ds_config_path,
+    check_files,
     dump_config,
     load_config,
     override_from_cli,
     parse_overrides,
-    zero_stage,
 )
+from reflora_ds.ds_config import PRESETS as DS_PRESETS
+from reflora_ds.ds_config import preset_path as ds_config_path
+from reflora_ds.ds_config import zero_stage
+
+
+def checked(*args, **kwargs) -> RunConfig:
+    """load_config, then the checks a command makes before it runs: files and DeepSpeed."""
+    cfg = load_config(*args, **kwargs)
+    check_files(cfg)
+    ds_config.check(cfg)
+    return cfg
 
 
 def write_yaml(tmp_path, values, name="run.yaml"):
@@ -76,22 +85,22 @@ def test_unknown_override_key_names_key_and_suggestion():
 def test_zero3_4bit_needs_quant_storage_in_param_dtype():
     qlora_z3 = {"deepspeed": "zero3", "load_in_4bit": True, "torch_dtype": "bf16"}
     with pytest.raises(ConfigError) as err:
-        load_config(None, dict(qlora_z3, bnb_4bit_quant_storage="uint8"))
+        checked(None, dict(qlora_z3, bnb_4bit_quant_storage="uint8"))
     assert "bnb_4bit_quant_storage" in str(err.value)
     assert "set bnb_4bit_quant_storage: bfloat16" in str(err.value)
     # matching storage is fine, and unset storage resolves to the parameter dtype
-    ok = load_config(None, dict(qlora_z3, deepspeed="zero3_offload", bnb_4bit_quant_storage="bf16"))
+    ok = checked(None, dict(qlora_z3, deepspeed="zero3_offload", bnb_4bit_quant_storage="bf16"))
     assert ok.bnb_4bit_quant_storage == "bfloat16"
     unset = load_config(None, {"deepspeed": "zero3", "load_in_4bit": True, "torch_dtype": "float32"})
     assert unset.resolved().bnb_4bit_quant_storage == "float32"
     # below stage 3 any storage is allowed
-    assert load_config(None, {"deepspeed": "zero2", "load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"})
+    assert checked(None, {"deepspeed": "zero2", "load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"})
 
 
 def test_8bit_under_zero3_is_rejected():
     with pytest.raises(ConfigError, match="load_in_8bit"):
-        load_config(None, {"deepspeed": "zero3", "load_in_8bit": True})
-    assert load_config(None, {"deepspeed": "zero2", "load_in_8bit": True}).load_in_8bit
+        checked(None, {"deepspeed": "zero3", "load_in_8bit": True})
+    assert checked(None, {"deepspeed": "zero2", "load_in_8bit": True}).load_in_8bit
 
 
 def test_4bit_and_8bit_together_are_rejected():
@@ -102,30 +111,32 @@ def test_4bit_and_8bit_together_are_rejected():
 @pytest.mark.parametrize("field", ["data_path", "eval_data_path"])
 def test_missing_data_file_names_field_and_path(tmp_path, field):
     missing = tmp_path / "nope.json"
+    cfg = load_config(None, {field: str(missing)})  # the model itself reads no file
     with pytest.raises(ConfigError) as err:
-        load_config(None, {field: str(missing)})
+        check_files(cfg)
     assert field in str(err.value) and str(missing) in str(err.value)
+    check_files(cfg, data=False)  # export and merge need no data
 
 
 def test_missing_gguf_and_base_dir_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="gguf_file"):
-        load_config(None, {"gguf_file": str(tmp_path / "model.gguf")})
+        checked(None, {"gguf_file": str(tmp_path / "model.gguf")})
     with pytest.raises(ConfigError, match="base_model"):
-        load_config(None, {"base_model": str(tmp_path / "no-model")})
+        checked(None, {"base_model": str(tmp_path / "no-model")})
 
 
 def test_field_level_errors_name_the_field():
     with pytest.raises(ConfigError, match="refactor_interval"):
         load_config(None, {"refactor_interval": 0})
-    with pytest.raises(ConfigError, match="optimizer"):
-        load_config(None, {"optimizer": "adamw"})
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, {"optimizer": "adamw"})  # the earlier name of the key
     with pytest.raises(ConfigError, match="max_steps"):
         load_config(None, {"max_steps": 0})
 
 
 def test_unknown_deepspeed_preset_suggests_nearest():
     with pytest.raises(ConfigError) as err:
-        load_config(None, {"deepspeed": "zero_3"})
+        checked(None, {"deepspeed": "zero_3"})
     assert "deepspeed" in str(err.value) and "'zero3'" in str(err.value)
 
 
@@ -153,10 +164,10 @@ def test_deepspeed_json_path_and_auto_fields(tmp_path):
                                 "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}))
     cfg = load_config(None, {"deepspeed": str(path), "micro_batch_size": 2, "gradient_accumulation_steps": 3})
     assert zero_stage(cfg) == 1
-    ds = deepspeed_config(cfg, world_size=2)
+    ds = ds_config.resolve(cfg, world_size=2)
     assert ds["train_batch_size"] == 12  # micro 2 x accumulation 3 x 2 ranks
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 3)
-    filled = deepspeed_config(load_config(None, {"deepspeed": "zero2", "torch_dtype": "bf16", "max_grad_norm": 0.5}), 1)
+    filled = ds_config.resolve(load_config(None, {"deepspeed": "zero2", "torch_dtype": "bf16", "max_grad_norm": 0.5}), 1)
     assert filled["bf16"]["enabled"] is True and filled["gradient_clipping"] == 0.5
     assert "auto" not in json.dumps(filled)
 
@@ -187,4 +198,34 @@ def test_deepspeed_config_with_its_own_optimizer_or_scheduler_is_refused(tmp_pat
         path = tmp_path / f"{block}.json"
         path.write_text(json.dumps({"zero_optimization": {"stage": 2}, block: {"type": "AdamW"}}))
         with pytest.raises(ConfigError, match=f"own '{block}' block; remove it"):
-            build_config({"deepspeed": str(path)})
+            ds_config.check(build_config({"deepspeed": str(path)}))
+
+
+def test_deepspeed_literals_that_disagree_with_the_run_are_refused_together(tmp_path):
+    """A preset's literal accumulation of 8 in a run of 4 would train wrongly in silence: every clash is named."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8,
+                                "train_batch_size": 16, "bf16": {"enabled": False},
+                                "zero_optimization": {"stage": 1}}))
+    cfg = load_config(None, {"deepspeed": str(path), "micro_batch_size": 2, "gradient_accumulation_steps": 4,
+                             "torch_dtype": "bf16"})
+    with pytest.raises(ConfigError) as err:
+        ds_config.resolve(cfg, world_size=1)
+    message = str(err.value)
+    assert "gradient_accumulation_steps is 8 there, 4 from gradient_accumulation_steps here" in message
+    assert "train_batch_size is 16 there, 8" in message and "bf16.enabled is False there, True" in message
+    assert "train_micro_batch_size_per_gpu" not in message  # that one agrees
+
+    # Literals that agree pass; what the file leaves out comes from the run configuration.
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4,
+                                "zero_optimization": {"stage": 1}}))
+    ds = ds_config.resolve(load_config(None, {"deepspeed": str(path), "micro_batch_size": 2,
+                                              "gradient_accumulation_steps": 4, "max_grad_norm": 0.3}), 2)
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.3 and ds["bf16"] == {"enabled": False}
+
+
+def test_method_key_reads_the_earlier_name_optimizer(tmp_path):
+    assert load_config(None, {"optimizer": "reflora_s"}).method == "reflora_s"
+    assert load_config(write_yaml(tmp_path, {"optimizer": "lora"}), {"method": "scaledgd"}).method == "scaledgd"
+    with pytest.raises(ConfigError, match="both 'optimizer'"):
+        load_config(write_yaml(tmp_path, {"optimizer": "lora", "method": "reflora"}))

@@ -22,7 +22,7 @@ from reflora_ds.data import (
     split_validation,
     tokenize_rows,
 )
-from reflora_ds.models import tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 ROWS = [
     {"instruction": "Which is a mammal?", "input": "", "output": "the correct answer is answer2", "answer": "answer2"},

@@ -22,7 +22,8 @@ from reflora_ds.evaluate import (
     results_json,
     results_table,
 )
-from reflora_ds.models import load_base_model, tiny_llama, tiny_tokenizer, wrap_with_lora
+from reflora_ds.models import load_base_model, wrap_with_lora
+from tiny_models import tiny_llama, tiny_tokenizer
 
 FORMATS = {fmt.name: fmt for fmt in LABEL_FORMATS}
 

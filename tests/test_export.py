@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reflora_ds.config import RunConfig
 from reflora_ds.data import EMBEDDED_TEST
+from reflora_ds.dist import free_port
 from reflora_ds.evaluate import evaluate, inference_mode
 from reflora_ds.export import (
     ADAPTER_CONFIG,
@@ -33,7 +33,8 @@ from reflora_ds.export import (
     load_adapter_weights,
     merge,
 )
-from reflora_ds.models import load_base_model, load_tokenizer, tiny_llama, wrap_with_lora
+from reflora_ds.models import load_base_model, load_tokenizer, wrap_with_lora
+from tiny_models import tiny_llama
 
 HERE = Path(__file__).parent
 ATOL = 1e-5
@@ -192,12 +193,6 @@ def test_find_checkpoint_accepts_save_dir_tag_dir_and_parent(tmp_path):
 # --- ZeRO-3, two ranks -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero3_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
@@ -264,8 +259,10 @@ def test_cli_export_merge_eval_chain(zero3_run, tiny_dir, tmp_path):
     from reflora_ds.cli import app
 
     run_config = tmp_path / "run.yaml"
+    # A whole run configuration whose training data is not on this machine: export needs only the model keys.
     run_config.write_text(yaml.safe_dump({"base_model": str(tiny_dir), "lora_r": 4, "lora_alpha": 8,
-                                          "lora_dropout": 0.0}))
+                                          "lora_dropout": 0.0, "data_path": str(tmp_path / "elsewhere.json"),
+                                          "optimizer": "reflora"}))
     runner = CliRunner()
     done = runner.invoke(app, ["export", str(zero3_run / "ckpt"), "--out", str(tmp_path / "adapter"),
                                "--config", str(run_config)])

@@ -12,9 +12,9 @@ from reflora_ds.models import (
     load_base_model,
     load_tokenizer,
     quantization_config,
-    tiny_llama,
     wrap_with_lora,
 )
+from tiny_models import tiny_llama
 
 ROWS = [
     {"instruction": "Which is a mammal?", "input": "", "output": "the correct answer is answer2", "answer": "answer2"},

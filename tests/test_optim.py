@@ -226,7 +226,7 @@ def test_resume_refuses_another_method():
     model = tiny_peft()
     refl = attach(model, sgd(model), "reflora")
     other = tiny_peft()
-    with pytest.raises(ValueError, match="optimizer 'reflora'"):
+    with pytest.raises(ValueError, match="method 'reflora'"):
         attach(other, sgd(other), "scaledgd").load_state_dict(refl.state_dict())
 
 

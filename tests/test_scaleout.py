@@ -384,7 +384,7 @@ def test_slurm_train_job_checkpoints_on_sigterm_requeues_resumes_and_completes(t
     stop_step, ckpt = saved[0]
     assert 3 <= stop_step < steps, (stop_step, tail(log))
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["position"]["global_step"] == stop_step
+    assert state["world_size"] == 2 and state["global_step"] == stop_step
     text = log.read_text()
     assert f"stopped by SIGTERM at step {stop_step}/{steps}" in text, tail(log)
     assert re.search(r"--node_rank=0 .*--module", text) and re.search(r"--node_rank=1 .*--module", text), tail(log)
@@ -415,8 +415,8 @@ def _records(out: Path) -> list[dict]:
 
 
 def test_slurm_sweep_array_and_eval_job_launch_the_right_commands(tiny, slurm):
-    """A job array over 2 optimizers × 2 seeds, and an eval job; launcher commands printed instead of run."""
-    env = {**slurm["env"], "OPTIMIZERS": "lora reflora", "SEEDS": "5 6", "LAUNCH_DRY_RUN": "1",
+    """A job array over 2 methods × 2 seeds, and an eval job; launcher commands printed instead of run."""
+    env = {**slurm["env"], "METHODS": "lora reflora", "SEEDS": "5 6", "LAUNCH_DRY_RUN": "1",
            "SWEEP_DIR": str(tiny["root"] / "sweep")}
     log, eval_log = tiny["root"] / "sweep-%a.out", tiny["root"] / "eval.out"
     submit = lambda *args: run(["sbatch", "--parsable", *args], env=env, cwd=ROOT).stdout.strip()  # noqa: E731
@@ -432,9 +432,9 @@ def test_slurm_sweep_array_and_eval_job_launch_the_right_commands(tiny, slurm):
         assert states and set(states) == {"COMPLETED"}, (job, states, [tail(p) for p in [*outputs.values(), eval_log]])
     assert len(re.findall(r"JobState=", run(["scontrol", "show", "job", jobs[0]], env=env).stdout)) == 4
     expected = {0: ("lora", "5"), 1: ("reflora", "5"), 2: ("lora", "6"), 3: ("reflora", "6")}
-    for i, (optimizer, seed) in expected.items():
+    for i, (method, seed) in expected.items():
         text = outputs[i].read_text()
-        assert re.search(rf"--module reflora_ds train run\.yaml --optimizer {optimizer} --seed {seed} "
-                         rf"--output-dir \S+/sweep/{optimizer}-seed{seed}\b", text), text
+        assert re.search(rf"--module reflora_ds train run\.yaml --method {method} --seed {seed} "
+                         rf"--output-dir \S+/sweep/{method}-seed{seed}\b", text), text
     assert re.search(r"deepspeed\.launcher\.runner --num_gpus 1 --master_port \d+ --module reflora_ds eval "
                      r"--adapter a/adapter --data test\.json", eval_log.read_text()), tail(eval_log)

@@ -61,7 +61,7 @@ def test_dry_run_prints_the_embedded_default_run_with_overrides():
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.output)
     assert cfg["output_dir"] == "out/default" and cfg["base_model"] is None and cfg["data_path"] is None
-    assert cfg["max_steps"] == 30 and cfg["val_set_size"] == 64 and cfg["optimizer"] == "reflora"
+    assert cfg["max_steps"] == 30 and cfg["val_set_size"] == 64 and cfg["method"] == "reflora"
     assert cfg["lora_r"] == 16 and cfg["lora_dropout"] == 0 and cfg["resume_from_checkpoint"] is None
     assert cfg["bnb_4bit_compute_dtype"] == "float32"  # resolved, not null
 
@@ -260,12 +260,12 @@ def test_nf4_base_trains_on_cpu(env):
 
 
 def test_eval_mode_keeps_bitsandbytes_layers_in_train_mode(env):
-    """Dropout off, but 4-bit layers never in eval mode (bitsandbytes CPU repack, DESIGN §2)."""
+    """Dropout off, but 4-bit layers never in eval mode (bitsandbytes repacks them on CPU at an eval-mode forward)."""
     import bitsandbytes as bnb
 
     from reflora_ds.config import RunConfig
     from reflora_ds.models import load_base_model, wrap_with_lora
-    from reflora_ds.train import eval_mode
+    from reflora_ds.evaluate import inference_mode
 
     cfg = RunConfig(base_model=str(env["base"]), load_in_4bit=True, lora_r=4)
     model = wrap_with_lora(load_base_model(cfg)[0], cfg)
@@ -279,7 +279,7 @@ def test_eval_mode_keeps_bitsandbytes_layers_in_train_mode(env):
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert quantized and dropouts
-    with eval_mode(engine):
+    with inference_mode(engine):
         assert all(m.training for m in quantized)
         assert not any(m.training for m in dropouts)
     assert model.training and all(m.training for m in model.modules())
@@ -363,7 +363,7 @@ def test_missing_config_file_and_bad_override(tmp_path):
 
 
 def test_lr_schedules():
-    from reflora_ds.train import lr_lambda
+    from reflora_ds.schedule import lr_lambda
 
     const = lr_lambda("constant", 3, 10)
     assert [const(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

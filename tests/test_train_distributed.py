@@ -28,7 +28,7 @@ from train_fixtures import (
     write_rows,
 )
 
-from reflora_ds.zero import free_port
+from reflora_ds.dist import free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reflora_ds.zero import free_port
+from reflora_ds.dist import free_port
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "dist"))

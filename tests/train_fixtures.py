@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_base(path: Path) -> Path:
-    from reflora_ds.models import tiny_llama
+    from tiny_models import tiny_llama
 
     tiny_llama(path, seed=0)
     return path
@@ -40,7 +40,7 @@ def base_values(base: Path, data: Path, output_dir: Path, **overrides) -> dict:
     """A run of a few milliseconds per step: r=4, 2 × 2 samples per step, jsonl only."""
     values = dict(
         base_model=str(base), data_path=str(data), output_dir=str(output_dir), val_set_size=6,
-        lora_r=4, lora_alpha=8, lora_dropout=0.1, optimizer="reflora", refactor_warmup=2,
+        lora_r=4, lora_alpha=8, lora_dropout=0.1, method="reflora", refactor_warmup=2,
         learning_rate=2e-3, lr_scheduler="linear", warmup_steps=1, micro_batch_size=2,
         gradient_accumulation_steps=2, max_steps=6, logging_steps=1, eval_steps=3, save_steps=2,
         save_total_limit=None, report_to=["jsonl"], seed=7,

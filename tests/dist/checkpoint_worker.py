@@ -42,7 +42,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from reflora_ds import param_groups
-    from reflora_ds.zero import ZeroRefLoRA
+    from reflora_ds.zero import ZeroStepper
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,7 +54,7 @@ def main() -> None:
     if args.universal:
         ds["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    refl = ZeroRefLoRA(engine, cfg)
+    refl = ZeroStepper(engine, cfg)
 
     start = 0
     if args.resume:

@@ -37,7 +37,7 @@ def method_config(method: str):
 def build_model(seed: int = 0, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
 
-    from reflora_ds.models import tiny_llama
+    from tests.tiny_models import tiny_llama
 
     base, _ = tiny_llama(seed=seed, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64)
@@ -94,7 +94,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     from reflora_ds import param_groups
-    from reflora_ds.zero import ZeroRefLoRA
+    from reflora_ds.zero import ZeroStepper
 
     stage, method, accum = case["stage"], case["method"], case["accum"]
     steps = case.get("steps", DEFAULT_STEPS)
@@ -105,7 +105,7 @@ def run_case(case: dict, world: int, rank: int) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=ds_config(stage, accum, world, bf16=bf16,
                                                        offload=case.get("offload", False), clip=case.get("clip", 0.0)))
-    refl = ZeroRefLoRA(engine, cfg)
+    refl = ZeroStepper(engine, cfg)
     global_batch = MICRO * accum * world
     data = batches(steps, global_batch)
     losses = []
@@ -134,16 +134,14 @@ def run_case(case: dict, world: int, rank: int) -> dict:
 
 def _model_copy_matches_master(engine, refl) -> bool:
     """After a RefLoRA-S step, the bf16 working copy is the rounded fp32 master."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    from reflora_ds.zero import _is_partitioned, _stage0_master
+    from reflora_ds.dist import gathered
+    from reflora_ds.zero import full_fp32_master
 
     ok = True
     for pair in refl.pairs:
         for q in (pair.A, pair.B):
-            master = safe_get_full_fp32_param(q) if _is_partitioned(q) else _stage0_master(engine, q)[0]
-            with GatheredParameters([q] if hasattr(q, "ds_id") else [], modifier_rank=None):
+            master = full_fp32_master(engine, q)
+            with gathered([q]):
                 ok &= bool(torch.equal(q.detach(), master.to(q.dtype)))
     return ok
 
