@@ -111,6 +111,7 @@ def resume(state: dict | None, cfg, output_dir: Path, log) -> BestCheckpoint:
         log(f"the best checkpoint {tracker.checkpoint} is gone; the best is chosen afresh from here on")
         return BestCheckpoint(cfg.metric_for_best_model, cfg.greater_is_better)
     if dist.is_main() and read_record(output_dir) != tracker.record():
-        export_from_checkpoint(output_dir / tracker.checkpoint, output_dir / BEST_ADAPTER, cfg)
+        # The run's own checkpoint (resume trusts it too); earlier releases wrote no safetensors copy.
+        export_from_checkpoint(output_dir / tracker.checkpoint, output_dir / BEST_ADAPTER, cfg, trust_checkpoint=True)
         tracker.write(output_dir)
     return tracker

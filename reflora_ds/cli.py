@@ -51,14 +51,14 @@ def toy(out: Path = typer.Option(Path("out/toy"), "--out", help="Folder for toy.
 CONFIG_EXIT_CODE = 2  # a configuration or data error: nothing was trained or written
 
 
-def _fail(err: Exception) -> None:
-    """One line on stderr (rank 0 only under a launcher), no traceback, exit 2."""
+def _fail(err: Exception, code: int = CONFIG_EXIT_CODE) -> None:
+    """One line on stderr (rank 0 only under a launcher), no traceback, exit 2 (or ``code``)."""
     import os
 
     if os.environ.get("RANK", "0") == "0":
         message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
         typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(CONFIG_EXIT_CODE)
+    raise typer.Exit(code)
 
 
 def _load(config: Path | None, flags: dict, sets: list[str]):
@@ -122,8 +122,10 @@ def train(
     """Fine-tune a base model with LoRA and RefLoRA on the DeepSpeed engine.
 
     Resumes from the newest complete checkpoint in output_dir by default. Exit
-    status: 0 done, 2 configuration or data error, 143 stopped by SIGTERM after
-    saving a checkpoint (run the same command again to resume).
+    status: 0 done, 2 configuration, data or checkpoint error, 3 the loss or
+    gradient stopped being finite (nothing saved past the last good
+    checkpoint), 143 stopped by SIGTERM after saving a checkpoint (run the
+    same command again to resume).
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "dry_run")}
     from .config import ConfigError
@@ -139,13 +141,15 @@ def train(
     except ConfigError as err:
         _fail(err)
 
-    from .checkpoint import PREEMPTED_EXIT_CODE
+    from .stops import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Diverged
     from .train import train as run_training
 
     try:
         summary = run_training(cfg)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(err)
+    except Diverged as err:
+        _fail(err, DIVERGED_EXIT_CODE)
     if summary["status"] == "preempted":
         raise typer.Exit(PREEMPTED_EXIT_CODE)
 
@@ -192,8 +196,13 @@ def preprocess(
 # --- eval / export / merge ----------------------------------------------------------------
 
 
-def _model_settings(config: Path | None, near: Path | None, base_model: str | None, *, required: bool = False):
-    """Base and LoRA settings: --config, else the run's found near an adapter or checkpoint; --base-model last."""
+def _model_settings(config: Path | None, near: Path | None, base_model: str | None, *, required: bool = False,
+                    trust_remote_code: bool = False):
+    """Base and LoRA settings: --config, else the run's found near an adapter or checkpoint; --base-model last.
+
+    trust_remote_code comes from --trust-remote-code or the user's own --config only, never from files
+    found beside an adapter (export.model_config_near).
+    """
     from .config import ConfigError, RunConfig, build_config, check_files, load_config
     from .export import MODEL_KEYS, base_of_adapter
 
@@ -205,10 +214,17 @@ def _model_settings(config: Path | None, near: Path | None, base_model: str | No
         if cfg is None and required:
             raise ConfigError(f"{near}: no config.yaml of the run found in or above it; pass --config")
         cfg = cfg or RunConfig()
+    overrides = {"trust_remote_code": True} if trust_remote_code else {}
     if base_model is not None:
-        cfg = build_config({**cfg.model_dump(), "base_model": base_model, "gguf_file": None}, "--base-model")
+        overrides.update(base_model=base_model, gguf_file=None)
+    if overrides:
+        cfg = build_config({**cfg.model_dump(), **overrides}, "the command line")
     check_files(cfg, data=False)
     return cfg
+
+
+_TRUST_CODE = typer.Option(False, "--trust-remote-code", help="Run the Python code the base model's folder ships "
+                                                              "(only for bases you trust).")
 
 
 def _progress_bar(enabled: bool):
@@ -247,6 +263,7 @@ def eval_command(
     cutoff_len: int = typer.Option(256, help="Maximum tokens per sample for the loss."),
     config: Path = _MODEL_CONFIG,
     out: Path = typer.Option(Path("eval_results.json"), help="JSON report with every row's prediction."),
+    trust_remote_code: bool = _TRUST_CODE,
 ):
     """Accuracy (and loss/perplexity) of a base model, optionally with an adapter, on multiple-choice sets.
 
@@ -265,36 +282,44 @@ def eval_command(
     from .data import EMBEDDED_TEST, DataError
     from .dist import init_from_launcher, rank_and_world
     from .evaluate import MODES, EvalError, evaluate, results_json, results_table
+    from .export import ADAPTER_CONFIG, ExportError, attach_adapter
     from .models import load_base_model, resolve_base
 
     modes = list(MODES) if mode == "both" else [mode]
     if any(m not in MODES for m in modes):
         _fail(ValueError(f"--mode {mode}: choose generate, likelihood or both"))
+    # The arguments first: a missing file should cost a second, not a model load.
+    if adapter is not None and not (adapter / ADAPTER_CONFIG).is_file():
+        _fail(FileNotFoundError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; is it an adapter folder?"))
+    for path in data or []:
+        if not path.is_file():
+            _fail(FileNotFoundError(f"--data {path}: no such file"))
     init_from_launcher()
     rank, world = rank_and_world()
     started = time.perf_counter()
     try:
-        cfg = _model_settings(config, adapter, base_model)
+        cfg = _model_settings(config, adapter, base_model, trust_remote_code=trust_remote_code)
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_base_model(cfg, device=device)
         if not cfg.load_in_4bit and not cfg.load_in_8bit:
             model = model.to(device)
         if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter))
+            model = attach_adapter(model, adapter)
         bar, progress = _progress_bar(enabled=rank == 0)
         with bar:
             results = [evaluate(model, tokenizer, path, modes=modes, loss=loss, limit=limit, batch_size=batch_size,
                                 max_new_tokens=max_new_tokens, cutoff_len=cutoff_len, progress=progress)
                        for path in (data or [EMBEDDED_TEST])]
-    except (ConfigError, DataError, EvalError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, EvalError, ExportError, FileNotFoundError, ValueError) as err:
         _fail(err)
     if rank != 0:
         return
     source = resolve_base(cfg)
     title = f"{Path(source).name}" + (f" + {adapter}" if adapter else "")
     Console().print(results_table(results, title=title))
+    for result in results:
+        if result.note:
+            typer.echo(f"note: {result.task}: {result.note}")
     meta = {"base_model": source, "adapter": str(adapter) if adapter else None, "modes": modes, "limit": limit,
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "world_size": world,
             "load_in_4bit": cfg.load_in_4bit, "seconds": round(time.perf_counter() - started, 1)}
@@ -308,7 +333,12 @@ def export(
     source: Path = typer.Argument(..., help="A training output_dir, its checkpoints/ folder, or one checkpoint."),
     out: Path = typer.Option(..., "--out", help="Folder for adapter_model.safetensors and adapter_config.json."),
     config: Path = typer.Option(None, help="The run's configuration (default: config.yaml of the output_dir)."),
-    tag: str = typer.Option(None, help="Checkpoint tag inside SOURCE (default: the newest complete one)."),
+    tag: str = typer.Option(None, help="Checkpoint tag inside SOURCE or its checkpoints/ folder, e.g. step-400 "
+                                       "(default: the newest complete one)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Read a checkpoint without "
+                                          "trainable_fp32.safetensors from DeepSpeed's pickles, which run any "
+                                          "code they hold: only checkpoints you trust."),
+    trust_remote_code: bool = _TRUST_CODE,
 ):
     """A PEFT adapter from a DeepSpeed checkpoint (any ZeRO stage), in fp32.
 
@@ -319,9 +349,9 @@ def export(
     from .export import ExportError, export_from_checkpoint, find_checkpoint, load_adapter_weights
 
     try:
-        cfg = _model_settings(config, source, None, required=True)
-        save_dir, found = (source, tag) if tag else find_checkpoint(source)
-        export_from_checkpoint(save_dir, out, cfg, tag=found)
+        save_dir, found = find_checkpoint(source, tag)  # first: is SOURCE a checkpoint at all?
+        cfg = _model_settings(config, save_dir / found, None, required=True, trust_remote_code=trust_remote_code)
+        export_from_checkpoint(save_dir, out, cfg, tag=found, trust_checkpoint=trust_checkpoint)
     except (ConfigError, ExportError, FileNotFoundError, ValueError) as err:
         _fail(err)
     tensors = load_adapter_weights(out)
@@ -337,6 +367,7 @@ def merge(
     config: Path = _MODEL_CONFIG,
     max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard."),
     dtype: str = typer.Option("auto", help="Saved dtype: auto (the base's), float32, bfloat16 or float16."),
+    trust_remote_code: bool = _TRUST_CODE,
 ):
     """Merge an adapter into its base and save a model that transformers loads without PEFT.
 
@@ -350,7 +381,7 @@ def merge(
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail(ValueError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16"))
     try:
-        base = _model_settings(config, adapter, base_model)
+        base = _model_settings(config, adapter, base_model, trust_remote_code=trust_remote_code)
         note = merge_adapter(base, adapter, out, max_shard_size=max_shard_size,
                              dtype=None if dtype == "auto" else dtype)
     except (ConfigError, ExportError, FileNotFoundError, ValueError) as err:

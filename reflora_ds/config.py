@@ -123,6 +123,8 @@ class RunConfig(BaseModel):
     num_epochs: float = _f(2, "Epochs, when max_steps is -1.", gt=0)
     max_steps: int = _f(-1, "Optimizer steps (-1: run num_epochs).")
     seed: int = _f(42, "Seed for initialisation, data order and dropout.")
+    skip_nonfinite_steps: int = _f(0, "Steps in which a micro-batch with a NaN or Inf loss may be left out (on "
+                                      "every rank) before the run stops; 0: the first one stops it (exit 3).", ge=0)
 
     # --- method -----------------------------------------------------------
     method: MethodName = _f("reflora", "How the LoRA factors train: " + ", ".join(METHODS)
@@ -256,11 +258,47 @@ def check_files(cfg: RunConfig, *, data: bool = True) -> None:
         value = getattr(cfg, field)
         if value is not None and not Path(value).expanduser().exists():
             raise ConfigError(f"{field}: no such file or directory: {value}")
-    if cfg.gguf_file is not None and resolve_gguf(cfg) is None:
-        raise ConfigError(f"gguf_file: no such file: {cfg.gguf_file} (base_model: {cfg.base_model})")
+    if cfg.gguf_file is not None:
+        if resolve_gguf(cfg) is None:
+            raise ConfigError(f"gguf_file: no such file: {cfg.gguf_file} (base_model: {cfg.base_model})")
+        return
     base = cfg.base_model
-    if base is not None and _looks_like_path(base) and not Path(base).expanduser().exists():
-        raise ConfigError(f"base_model: no such directory: {cfg.base_model}")
+    if base is None:
+        return
+    path = Path(base).expanduser()
+    if path.is_dir():
+        _check_weights_format(base, path)
+    elif _looks_like_path(base) or path.exists():
+        raise ConfigError(f"base_model: no such directory: {base}")
+    elif _hub_offline() and not _in_hub_cache(base):
+        raise ConfigError(f"base_model: {base} is not a folder on this machine, and the hub is offline "
+                          "(HF_HUB_OFFLINE) with no copy of it in the cache; give the path of a local model folder")
+
+
+def _check_weights_format(base: str, path: Path) -> None:
+    """Safetensors only: a pickled checkpoint (.bin, .pt) runs any code it holds when it is loaded."""
+    if any(path.glob("*.safetensors")) or not (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+        return
+    raise ConfigError(
+        f"base_model: {base} holds only PyTorch pickle weights (.bin): they are refused, since loading a pickle "
+        "runs any code it holds. Convert the folder once, with a model you trust: python -c \"from transformers "
+        f"import AutoModelForCausalLM as M; M.from_pretrained('{base}').save_pretrained('{base}-safetensors')\" "
+        "(and copy the tokenizer files), then train from that folder"
+    )
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE",
+                                                                                      "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id: certainly not cached
+        return False
 
 
 def resolve_gguf(cfg: RunConfig) -> Path | None:

@@ -412,7 +412,14 @@ def schedule_length(n_train: int, micro_batch_size: int, accumulation: int, worl
 
 
 def epoch_shard(dataset: Dataset, seed: int, epoch: int, rank: int, world: int) -> Dataset:
-    """This rank's rows of epoch ``epoch``, in order: the epoch's shuffle, strided over the ranks."""
+    """This rank's rows of epoch ``epoch``, in order.
+
+    Epoch e visits the training set in the order ``shuffle(seed + e)``; rank r
+    takes rows r, r + W, ... of it, and optimizer step s consumes the
+    contiguous block s of ``micro_batch_size × accumulation × W`` rows (see
+    step_batches). Rows that do not fill a last global batch are left out of
+    that epoch.
+    """
     return shard_for_rank(shuffle(dataset, seed + epoch), rank, world)
 
 
@@ -442,10 +449,12 @@ def tokenize_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
     options = dict(template=cfg.prompt_template, cutoff_len=cfg.cutoff_len, skip_malformed=cfg.skip_malformed_rows)
     train_data = preprocess(cfg.data_path, tokenizer, data_format=cfg.data_format, **options)
     train_set, eval_set = train_data.dataset, None
-    stats = {"train": train_data.stats, "cache": str(train_data.path)}
+    # The cache folders' names carry the key of everything the samples depend on: the run's data identity.
+    stats = {"train": train_data.stats, "cache": str(train_data.path), "fingerprint": train_data.path.name}
     if cfg.eval_data_path is not None:
         eval_data = preprocess(cfg.eval_data_path, tokenizer, **options)
         eval_set, stats["eval"] = eval_data.dataset, eval_data.stats
+        stats["fingerprint"] += f" + {eval_data.path.name}"
     elif cfg.val_set_size:
         train_set, eval_set = split_validation(train_set, cfg.val_set_size, cfg.seed)
     return train_set, eval_set, stats

@@ -73,6 +73,15 @@ def all_gather_objects(obj) -> list:
     return parts
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def local_rank_zero_first(fn: Callable[[], T], device=None) -> T:
     """Run fn on each node's first rank, then on the others (which then read what it cached).
 

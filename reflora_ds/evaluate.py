@@ -384,7 +384,9 @@ def score_likelihood(
     records = []
     for q in questions:
         options = {label: scores[q.index][label] for label in q.labels}
-        predicted = max(q.labels, key=lambda label: options[label])  # first label wins a tie
+        finite = [label for label in q.labels if math.isfinite(options[label])]
+        # First label wins a tie; without one finite score there is no prediction (counted wrong).
+        predicted = max(finite, key=lambda label: options[label]) if finite else None
         records.append({"index": q.index, "answer": q.answer, "prediction": predicted,
                         "correct": predicted == q.answer, "scores": options})
     return records
@@ -460,6 +462,7 @@ class EvalResult:
     accuracy: dict[str, float] = field(default_factory=dict)
     correct: dict[str, int] = field(default_factory=dict)
     unparsed: int | None = None  # generations in which no label was found
+    note: str | None = None  # what could not be scored, and why
     loss: float | None = None
     perplexity: float | None = None
     loss_tokens: int | None = None
@@ -527,10 +530,13 @@ def evaluate(
         return advance
 
     # A training-format set without labels (Alpaca) still has a loss.
-    labelled = all(row.get("answer") for row in rows)
-    if modes and not labelled and not loss:
+    unlabelled = sum(not row.get("answer") for row in rows)
+    if modes and unlabelled and not loss:
         raise EvalError(f"{result.task}: rows without an 'answer' label cannot be scored for accuracy")
-    scored = modes if labelled else []
+    scored = modes if not unlabelled else []
+    if modes and unlabelled:
+        result.note = (f"no accuracy: {unlabelled} of {len(rows)} rows have no 'answer' label "
+                       "(the LLM-Adapters format has one); loss only")
     if scored:
         questions = [make_question(i, row, template) for i, row in enumerate(rows)]
         mine = questions[rank::world]
@@ -602,6 +608,23 @@ def _label_problem(row: dict) -> str | None:
     except EvalError as err:
         return str(err)
     return None
+
+
+# Tokens generated per row when a training run scores accuracy in generate mode (as `reflora-ds eval`).
+TRAINING_MAX_NEW_TOKENS = 32
+
+
+def run_scores(engine, tokenizer, eval_set, rows: list[dict] | None, cfg) -> dict:
+    """What a training run measures at each evaluation: eval_loss, and eval_accuracy on ``rows``
+    when there are any (all ranks together; the model's modes are restored after)."""
+    scores = {"eval_loss": dataset_loss(engine, eval_set, batch_size=cfg.micro_batch_size,
+                                        pad_token_id=tokenizer.pad_token_id)}
+    if rows is not None:
+        result = evaluate(engine, tokenizer, rows, modes=[cfg.eval_accuracy_mode], loss=False,
+                          batch_size=cfg.micro_batch_size, max_new_tokens=TRAINING_MAX_NEW_TOKENS,
+                          template=cfg.prompt_template)
+        scores["eval_accuracy"] = result.accuracy[cfg.eval_accuracy_mode]
+    return scores
 
 
 # --- reporting -------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def trainable_state_dict(model_or_engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_not_empty(state: dict[str, torch.Tensor], origin: str) -> None:
+def check_tensors(state: dict[str, torch.Tensor], origin: str) -> None:
+    """An adapter worth writing: tensors, none empty, none holding NaN or Inf."""
     if not state:
         raise ExportError(f"{origin}: the adapter has no tensors")
     empty = [name for name, t in state.items() if t.numel() == 0]
@@ -96,6 +97,10 @@ def _check_not_empty(state: dict[str, torch.Tensor], origin: str) -> None:
             f"{origin}: {len(empty)} adapter tensors are empty (e.g. {empty[0]}, shape "
             f"{tuple(state[empty[0]].shape)}); a ZeRO-3 partition was read without gathering it"
         )
+    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"{origin}: {len(bad)} adapter tensors hold NaN or Inf (e.g. {bad[0]}): the training "
+                          "diverged; export an earlier checkpoint")
 
 
 def adapter_state_dict(peft_model, state: dict[str, torch.Tensor], adapter_name: str = "default") -> dict:
@@ -127,7 +132,7 @@ def adapter_state_dict(peft_model, state: dict[str, torch.Tensor], adapter_name:
 def _write_adapter(adapter: dict, peft_config, out_dir: Path, *, base_model: str | None,
                    run_config: RunConfig | None) -> None:
     """Both files into a private folder first, then moved into place: no half-written adapter."""
-    _check_not_empty(adapter, str(out_dir))
+    check_tensors(adapter, str(out_dir))
     config = copy.deepcopy(peft_config)
     config.inference_mode = True
     if base_model is not None:
@@ -161,7 +166,7 @@ def export_adapter(
     if not isinstance(model, PeftModel):
         raise ExportError(f"expected a PEFT model (or an engine around one), got {type(model).__name__}")
     state = trainable_state_dict(model_or_engine)
-    _check_not_empty(state, "gathered parameters")
+    check_tensors(state, "gathered parameters")
     # Checked on every rank, so that a bad adapter stops all of them (not rank 0 alone, leaving the rest waiting).
     adapter = adapter_state_dict(model, state, adapter_name)
     out_dir = Path(out_dir)
@@ -175,14 +180,23 @@ def export_adapter(
 # --- the adapter of a DeepSpeed checkpoint ---------------------------------------------
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, str]:
+def find_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(save_dir, tag) of a DeepSpeed checkpoint named by its save folder, its tag folder, or a folder of those.
 
+    - with ``tag``: that tag inside ``path`` or inside ``path/checkpoints`` (a run folder);
     - save_dir with a `latest` file: the tag it names;
     - a tag folder (holds *model_states.pt): its parent and its name;
-    - otherwise the newest such save_dir or tag folder below `path`.
+    - otherwise the newest such save_dir or tag folder below `path`, complete
+      ones (``COMPLETE``, undamaged) first.
     """
+    from .checkpoint import CHECKPOINTS, damage, is_complete
+
     path = Path(path)
+    if tag is not None:
+        for save_dir in (path, path / CHECKPOINTS):
+            if (save_dir / tag).is_dir():
+                return save_dir, tag
+        raise ExportError(f"{path}: no checkpoint {tag!r} in it or in its {CHECKPOINTS}/ folder")
     if (path / "latest").is_file():
         return path, (path / "latest").read_text().strip()
     if any(path.glob("*model_states.pt")):
@@ -192,7 +206,8 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str]:
     found = {p for p in found if not p.name.startswith(".")}  # .tmp-*: a save that never finished
     if not found:
         raise ExportError(f"{path}: no DeepSpeed checkpoint (no 'latest' file, no *model_states.pt) in or below it")
-    return find_checkpoint(max(found, key=_checkpoint_order))
+    complete = {p for p in found if is_complete(p) and damage(p) is None}
+    return find_checkpoint(max(complete or found, key=_checkpoint_order))
 
 
 def _checkpoint_order(path: Path) -> tuple[int, float]:
@@ -201,27 +216,39 @@ def _checkpoint_order(path: Path) -> tuple[int, float]:
     return (int(digits[-1]) if digits else -1, path.stat().st_mtime)
 
 
-def checkpoint_trainable_weights(checkpoint_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+def checkpoint_trainable_weights(checkpoint_dir: str | Path, tag: str | None = None, *,
+                                 trust: bool = False) -> dict[str, torch.Tensor]:
     """The trainable weights of a DeepSpeed checkpoint in fp32, by module parameter name.
 
-    ZeRO 1-3 keep the full fp32 masters in their optimizer shards (zero_to_fp32
-    joins them). Without ZeRO the module state is read instead (saved with
-    exclude_frozen_parameters it holds only the trainable weights); under bf16
-    that is the bf16 copy the model computed with, since the stage-0 fp32
-    masters are stored without names.
+    Checkpoints written by the trainer carry them as safetensors (tensors
+    only). Otherwise, and only with ``trust``, DeepSpeed's own files are read:
+    they are pickles, and loading one runs whatever code it names. ZeRO 1-3
+    keep the full fp32 masters in their optimizer shards (zero_to_fp32 joins
+    them); without ZeRO the module state is read (under bf16 the bf16 copy the
+    model computed with: the stage-0 fp32 masters are stored without names).
     """
+    from safetensors.torch import load_file
+
+    from .checkpoint import TRAINABLE
+
+    save_dir, found_tag = find_checkpoint(checkpoint_dir, tag)
+    tag_dir = save_dir / found_tag
+    if (tag_dir / TRAINABLE).is_file():
+        return {name: t.float() for name, t in load_file(str(tag_dir / TRAINABLE)).items()}
+    if not trust:
+        raise ExportError(
+            f"{tag_dir} has no {TRAINABLE} (checkpoints of reflora-ds train have one); its DeepSpeed files are "
+            "pickles, and reading them runs any code they hold: pass --trust-checkpoint only if you trust it"
+        )
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    save_dir, found_tag = find_checkpoint(checkpoint_dir) if tag is None else (Path(checkpoint_dir), tag)
-    tag_dir = save_dir / found_tag
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), found_tag, exclude_frozen_parameters=True)
     else:
         files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise ExportError(f"{tag_dir}: no model or optimizer states")
-        # DeepSpeed's own file, written by this training run; it pickles more than tensors.
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]  # trusted by the caller
     return {name: t.float() for name, t in state.items()}
 
 
@@ -244,6 +271,7 @@ def export_from_checkpoint(
     base: RunConfig,
     *,
     tag: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> Path:
     """Write the adapter held by a DeepSpeed checkpoint (any ZeRO stage) from its fp32 weights.
 
@@ -252,8 +280,8 @@ def export_from_checkpoint(
     """
     from .models import lora_config, resolve_base
 
-    weights = checkpoint_trainable_weights(checkpoint_dir, tag)
-    _check_not_empty(weights, str(checkpoint_dir))
+    weights = checkpoint_trainable_weights(checkpoint_dir, tag, trust=trust_checkpoint)
+    check_tensors(weights, str(checkpoint_dir))
     source = resolve_base(base)
     peft_config = lora_config(base)
     model = _meta_peft_model(source, peft_config, base.trust_remote_code)
@@ -271,7 +299,12 @@ def model_config_near(path: str | Path) -> RunConfig | None:
 
     Looks in `path` and up to three folders above it for what export records
     next to an adapter or for the config.yaml training writes into output_dir.
+    ``trust_remote_code`` is never taken from there: an adapter folder from
+    elsewhere could name a base whose Python it wants run. Only the command
+    line or the user's own --config turns it on.
     """
+    from .config import KEY_ALIASES
+
     path = Path(path).resolve()
     for folder in [path, *list(path.parents)[:3]]:
         for name in (RUN_CONFIG, TRAIN_CONFIG):
@@ -279,8 +312,11 @@ def model_config_near(path: str | Path) -> RunConfig | None:
             if not found.is_file():
                 continue
             values = yaml.safe_load(found.read_text())
-            if isinstance(values, dict) and set(values) <= set(RunConfig.model_fields):
-                return RunConfig(**{k: v for k, v in values.items() if k in MODEL_KEYS})
+            if not isinstance(values, dict):
+                continue
+            values = {KEY_ALIASES.get(k, k): v for k, v in values.items()}
+            if set(values) <= set(RunConfig.model_fields):
+                return RunConfig(**{k: v for k, v in values.items() if k in MODEL_KEYS and k != "trust_remote_code"})
     return None
 
 
@@ -388,24 +424,26 @@ def merge(
     or None for what base_of_adapter finds. The merge runs in fp32; `dtype`
     (default: the base's own) is what gets saved.
     """
-    from peft import PeftModel
-
-    from .models import DTYPES, load_tokenizer
+    from .models import DTYPES, load_tokenizer, resolve_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise ExportError(f"{adapter_dir}: no {ADAPTER_CONFIG}; is this an adapter folder?")
+    check_tensors(load_adapter_weights(adapter_dir), str(adapter_dir))
     if base is None:
         base = base_of_adapter(adapter_dir)
         if base is None:
             raise ExportError(f"{adapter_dir}: the adapter does not record a base model found on this machine; name it")
+    _check_output(out_dir, {"the adapter": adapter_dir,
+                            "the base model": resolve_base(base if isinstance(base, RunConfig)
+                                                           else RunConfig(base_model=str(base)))})
     model, source, note = load_merge_base(base, torch.float32)
     save_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if save_dtype is None:
         cfg_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
         save_dtype = cfg_dtype if cfg_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model = attach_adapter(model, adapter_dir)
     merged = peft_model.merge_and_unload().to(save_dtype)
     merged.config.use_cache = True  # training turns it off; a merged model is for inference
 
@@ -441,3 +479,30 @@ def _write_readme(out_dir: Path, note: dict) -> None:
 def load_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an exported adapter (for checks and tests)."""
     return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+
+
+def attach_adapter(model, adapter_dir: str | Path):
+    """``PeftModel.from_pretrained``, with an adapter of another base refused in one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ExportError(f"{adapter_dir} was trained for another base model ({first}); pass the base it was "
+                          "trained on with --base-model or --config") from None
+
+
+def _check_output(out_dir: Path, inputs: dict[str, str | Path]) -> None:
+    """An output folder that is neither an input nor inside one (nor holding one): merge never overwrites its inputs."""
+    out = out_dir.expanduser().resolve()
+    for what, path in inputs.items():
+        path = Path(path).expanduser()
+        if not path.exists():
+            continue  # a hub id, not a folder of this machine
+        path = path.resolve()
+        if out == path or path in out.parents or out in path.parents:
+            raise ExportError(f"--out {out_dir} is {what} ({path}) or inside it, or holds it: merging there would "
+                              "overwrite the inputs; choose another folder")

@@ -112,6 +112,26 @@ class MetricsLog:
             self.writer = None
 
 
+def read_records(output_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return MetricsLog(output_dir, enabled=False, tensorboard=False, resume_step=None).records()
+
+
+def is_finished(output_dir: Path) -> bool:
+    """A run's ending is complete: its adapter and, written last, summary.json."""
+    adapter = output_dir / ADAPTER
+    return (output_dir / SUMMARY_FILE).is_file() and (adapter / "adapter_model.safetensors").is_file() \
+        and (adapter / "adapter_config.json").is_file()
+
+
+def fallback_warning(new: int, step: int, refactor_warmup: int, layers: int) -> str | None:
+    """Refactor fallbacks past the first refactored step mean degenerate or overflowing factors: say so."""
+    if new <= 0 or step <= refactor_warmup + 1:
+        return None
+    return (f"warning: the refactor fell back to the identity {new} times since the last log (step {step}, "
+            f"{layers} layers): zero, rank-deficient or overflowing factors; is the learning rate too high?")
+
+
 def plot_loss(records: list[dict], path: Path) -> Path:
     """Training loss per logged step, and evaluation loss where it was measured."""
     import matplotlib

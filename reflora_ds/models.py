@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from . import atomic
-from .config import RunConfig, cache_dir, resolve_gguf
+from .config import ConfigError, RunConfig, cache_dir, resolve_gguf
 from .dist import local_rank
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
@@ -113,7 +113,14 @@ def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None, tr
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except OSError as err:
+        if Path(name_or_path).is_dir():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"base_model: {name_or_path} is not a model folder on this machine and could not be "
+                          f"downloaded ({first}); give a local folder") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
@@ -189,8 +196,21 @@ def lora_config(cfg: RunConfig) -> LoraConfig:
     )
 
 
+def check_target_modules(model: PreTrainedModel, targets: list[str] | str) -> None:
+    """Every name in lora_target_modules matches a module of the base (PEFT's rule: the name, or its end)."""
+    if isinstance(targets, str):
+        return  # "all-linear"
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora_target_modules: {', '.join(missing)} match no module of the base; its linear "
+                          f"layers are named {', '.join(linear)} (or use all-linear)")
+
+
 def wrap_with_lora(model: PreTrainedModel, cfg: RunConfig) -> PeftModel:
     """The PEFT model: LoRA (or DoRA) on the configured modules, everything else frozen."""
+    check_target_modules(model, cfg.lora_target_modules)
     peft_model = get_peft_model(model, lora_config(cfg))
     peft_model.train()
     return peft_model

@@ -18,10 +18,7 @@ accumulation steps, all ranks). The gradient is then that of the global batch's
 token-mean loss however the batch is split, so one rank with accumulation 4
 and four ranks without accumulation train the same model.
 
-Data order. Epoch e visits the training set in the order ``shuffle(seed + e)``;
-rank r takes rows r, r + W, ... of it, and optimizer step s consumes the
-contiguous block s of ``micro_batch_size × accumulation × W`` rows. Rows that
-do not fill a last global batch are left out of that epoch.
+Data order: data.epoch_shard and data.step_batches. Early stops: stops.py.
 
 Evaluation: before training, every eval_steps and at the end (evaluate.py);
 with metric_for_best_model each one saves a checkpoint, the best kept (best.py).
@@ -30,6 +27,7 @@ with metric_for_best_model each one saves a checkpoint, the best kept (best.py).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -37,24 +35,17 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, best, checkpoint, data, dist, ds_config, evaluate, export, metrics, models
+from . import atomic, best, builders, checkpoint, data, dist, ds_config, evaluate, export, metrics, stops
 from .checkpoint import TrainerState
 from .config import ConfigError, RunConfig, check_files, dump_config
-from .methods import MethodConfig
-from .optim import param_groups
-from .schedule import lr_lambda
-
-# Tokens generated per row when accuracy is scored in generate mode (as `reflora-ds eval`).
-EVAL_MAX_NEW_TOKENS = 32
-
 
 @dataclass
 class Run:
-    """What the loop works with, made once by ``setup``."""
+    """What the loop works with, made once by ``setup`` (source: the base model's folder)."""
 
     cfg: RunConfig
     log: object
-    source: str  # the base model's folder
+    source: str
     tokenizer: object
     train_set: object
     eval_set: object
@@ -69,6 +60,8 @@ class Run:
     metrics: metrics.MetricsLog
     last_saved: Path | None
     started: float
+    skipped_steps: int = 0  # steps with a micro-batch left out for a non-finite loss
+    fallbacks_seen: int = 0  # refactor fallbacks already reported
 
     @property
     def scored(self) -> str | None:
@@ -78,48 +71,46 @@ class Run:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Fine-tune as configured; returns a summary (status, step, loss before and after, paths)."""
-    run = setup(cfg, started=time.time())
-    if isinstance(run, dict):
-        return run  # the run had finished already
-    status = loop(run)
-    return finish(run, status)
+    """Fine-tune as configured; returns a summary (status, step, loss before and after, paths).
+
+    One run per output_dir (OutputLock). SIGTERM is held off from the first
+    step to the last file: the loop saves and stops at a step boundary, and the
+    ending, once begun, completes.
+    """
+    started = time.time()
+    cfg, ds, log = prepare(cfg)
+    data_of_run = builders.load_data(cfg, log)
+    with checkpoint.OutputLock(cfg.output_dir), stops.PreemptionGuard() as guard:
+        run = setup(cfg, ds, log, data_of_run, started)
+        if isinstance(run, dict):
+            return run  # the run had finished already
+        return finish(run, loop(run, guard))
 
 
 # --- setup ----------------------------------------------------------------------------------------
 
 
-def setup(cfg: RunConfig, started: float) -> Run | dict:
-    """The world, data, resume point, model and engine; the summary instead if the run is finished."""
+def prepare(cfg: RunConfig):
+    """The checked, resolved configuration, the world, the DeepSpeed config and the log (nothing written)."""
     check_files(cfg)
     ds_config.check(cfg)
     cfg = cfg.resolved(ds_config.zero_stage(cfg))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     metrics.quiet_libraries()
     rank, world = dist.start_deepspeed()
-    log = metrics.printer(rank)
     ds = ds_config.resolve(cfg, world)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds every CUDA device
+    return cfg, ds, metrics.printer(rank)
 
-    # Data; failing here leaves nothing behind.
-    source = dist.local_rank_zero_first(lambda: models.resolve_base(cfg))
-    tokenizer = models.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
-    train_set, eval_set, stats = dist.local_rank_zero_first(lambda: data.tokenize_datasets(cfg, tokenizer))
-    log(data.describe_data(stats, train_set, eval_set))
-    rows = evaluate.accuracy_rows(cfg, eval_set)
-    if rows is not None:
-        log(f"accuracy: {cfg.eval_accuracy_mode} scoring of {len(rows)} evaluation rows at each evaluation")
-    steps_per_epoch, total_steps = data.schedule_length(len(train_set), cfg.micro_batch_size,
-                                                        cfg.gradient_accumulation_steps, world, cfg.max_steps,
-                                                        cfg.num_epochs)
-    state = TrainerState(total_steps=total_steps, world_size=world, method=cfg.method,
-                         global_batch_size=cfg.micro_batch_size * cfg.gradient_accumulation_steps * world,
-                         loss_kind="eval" if eval_set is not None else "train")
 
-    # Where to start.
-    output_dir = Path(cfg.output_dir)
-    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+def setup(cfg: RunConfig, ds: dict, log, loaded: dict, started: float) -> Run | dict:
+    """Where to start, the engine, and the first evaluation; the summary instead if the run is finished.
+
+    Nothing in output_dir changes until the run is known to resume (or start) cleanly.
+    """
+    state, output_dir, rank = loaded["state"], Path(cfg.output_dir), dist.rank()
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir, warn=log)
     if resume is None and checkpoint.list_complete(output_dir):
         raise ConfigError(
             f"output_dir {output_dir} holds checkpoints of an earlier run but resume_from_checkpoint is null: "
@@ -128,37 +119,35 @@ def setup(cfg: RunConfig, started: float) -> Run | dict:
     if resume is not None:
         saved = checkpoint.read_trainer_state(resume)
         checkpoint.check_compatible(saved, state)
-        if saved.global_step >= total_steps:
-            return _already_finished(saved, resume, output_dir, log, rows, cfg, started)
+        if saved.global_step >= state.total_steps:
+            return _already_finished(cfg, saved, resume, loaded, log, started)
 
-    engine, stepper, scheduler = build_engine(cfg, ds, total_steps)
-
-    # Only now, with config, data and model known good, is anything written.
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale(output_dir)
-        dump_config(cfg, output_dir / "config.yaml")
-    dist.barrier()
-
+    engine, stepper, scheduler = builders.build_engine(cfg, ds, state.total_steps)
     tracker = best.BestCheckpoint(cfg.metric_for_best_model, cfg.greater_is_better) if cfg.metric_for_best_model \
         else None
     if resume is not None:
-        loaded, method_state = checkpoint.load(engine, resume)
+        restored, method_state = checkpoint.load(engine, resume)
         try:
             stepper.load_state_dict(method_state)
         except ValueError as err:
             raise ConfigError(f"resume_from_checkpoint: {err}") from None
-        state.epoch, state.step_in_epoch, state.global_step = loaded.epoch, loaded.step_in_epoch, loaded.global_step
-        state.loss_before, state.accuracy_before = loaded.loss_before, loaded.accuracy_before
+        for key in ("epoch", "step_in_epoch", "global_step", "loss_before", "accuracy_before"):
+            setattr(state, key, getattr(restored, key))
+    # Only now, with config, data, model and checkpoint known good, is anything written.
+    if rank == 0:
+        checkpoint.remove_stale(output_dir)
+        dump_config(cfg, output_dir / "config.yaml")
+    dist.barrier()
+    if resume is not None:
         if tracker is not None:
-            tracker = best.resume(loaded.best, cfg, output_dir, log)
-        log(f"resumed from {resume} at step {state.global_step}/{total_steps}")
-    run = Run(cfg, log, source, tokenizer, train_set, eval_set, rows, steps_per_epoch, output_dir, engine, stepper,
-              scheduler, state, tracker,
+            tracker = best.resume(restored.best, cfg, output_dir, log)
+        log(f"resumed from {resume} at step {state.global_step}/{state.total_steps}")
+    run = Run(cfg, log, loaded["source"], loaded["tokenizer"], loaded["train_set"], loaded["eval_set"],
+              loaded["rows"], loaded["steps_per_epoch"], output_dir, engine, stepper, scheduler, state, tracker,
               metrics.MetricsLog(output_dir, enabled=rank == 0, tensorboard="tensorboard" in cfg.report_to,
                                  resume_step=state.global_step if resume else None),
               resume, started)
-    if resume is None and eval_set is not None:
+    if resume is None and run.eval_set is not None:
         scores = evaluate_now(run)
         state.loss_before, state.accuracy_before = scores["eval_loss"], scores.get("eval_accuracy")
         run.metrics.write({"step": 0, **scores})
@@ -166,28 +155,10 @@ def setup(cfg: RunConfig, started: float) -> Run | dict:
     return run
 
 
-def build_engine(cfg: RunConfig, ds: dict, total_steps: int):
-    """The PEFT model in a DeepSpeed engine, with AdamW, the schedule and the LoRA method attached."""
-    import deepspeed
-
-    from .zero import ZeroStepper
-
-    model = models.wrap_with_lora(models.load_base_model(cfg)[0], cfg)  # in train mode: see load_base_model
-    method = MethodConfig(name=cfg.method, warmup=cfg.refactor_warmup, interval=cfg.refactor_interval,
-                          loraplus_lr_ratio=cfg.loraplus_lr_ratio, scaledgd_delta=cfg.scaledgd_delta)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.learning_rate, method, cfg.weight_decay),
-                                  lr=cfg.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps,
-                                                                       total_steps))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds, model_parameters=None)
-    return engine, ZeroStepper(engine, method), scheduler
-
-
 # --- the loop ---------------------------------------------------------------------------------------
 
 
-def loop(run: Run) -> str:
+def loop(run: Run, guard) -> str:
     """Train to total_steps ("finished") or until SIGTERM ("preempted")."""
     cfg, state, engine = run.cfg, run.state, run.engine
     rank, world = dist.rank_and_world()
@@ -195,7 +166,7 @@ def loop(run: Run) -> str:
     bar = metrics.progress_bar(rank, state.total_steps, state.global_step)
     window = metrics.Window()
     shard, shard_epoch = None, None
-    with checkpoint.PreemptionGuard() as guard:
+    try:
         while state.global_step < state.total_steps:
             if state.step_in_epoch >= run.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -208,9 +179,7 @@ def loop(run: Run) -> str:
             local_targets = sum(data.target_count(b["labels"]) for b in batches)
             n_targets, stop = dist.all_reduce([local_targets, float(guard.requested)], engine.device)
             if stop:
-                bar.close()
                 return "preempted"
-
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
             tic = time.perf_counter()
             loss, tokens = optimizer_step(run, batches, n_targets, cfg.gradient_accumulation_steps * world)
@@ -227,7 +196,8 @@ def loop(run: Run) -> str:
             due = (cfg.save_steps and step % cfg.save_steps == 0) or (run.tracker is not None and evaluated)
             if due and step < state.total_steps:
                 save(run)
-    bar.close()
+    finally:
+        bar.close()  # also when the run stops with an error: the message starts a line
     return "finished"
 
 
@@ -235,18 +205,33 @@ def optimizer_step(run: Run, batches: list[dict], n_targets: float, ddp_scale: i
     """Forward and backward each micro-batch; the method steps the engine at the boundary.
 
     Returns this rank's share of the step's loss (the global token mean is the
-    sum over ranks) and the number of tokens it processed.
+    sum over ranks) and the number of tokens it processed. A non-finite loss
+    on any rank stops the run before its gradient reaches the weights, unless
+    skip_nonfinite_steps allows leaving that micro-batch out (on every rank).
     """
-    engine = run.engine
-    loss_sum, tokens = 0.0, 0
+    engine, cfg = run.engine, run.cfg
+    loss_sum, tokens, skipped = 0.0, 0, False
     for batch in batches:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         loss = engine(**batch, num_items_in_batch=n_targets).loss  # token-loss sum / n_targets
-        # DeepSpeed averages gradients over accumulation steps and ranks: undo both.
-        engine.backward(loss * ddp_scale)
+        (bad,) = dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0], engine.device)
+        if bad and run.skipped_steps >= cfg.skip_nonfinite_steps:
+            raise stops.Diverged(run.state.global_step + 1, f"the training loss is {loss.item()} on a micro-batch",
+                                 run.output_dir)
+        if not bad:
+            # DeepSpeed averages gradients over accumulation steps and ranks: undo both.
+            engine.backward(loss * ddp_scale)
+            loss_sum += loss.item()
+        skipped = skipped or bool(bad)
         run.stepper.step()  # engine.step(), with the method's edits at the boundary
-        loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum())
+    if skipped:
+        run.skipped_steps += 1
+        run.log(f"warning: step {run.state.global_step + 1}: a micro-batch with a non-finite loss was left out "
+                f"({run.skipped_steps} of skip_nonfinite_steps {cfg.skip_nonfinite_steps})")
+    norm = engine.get_global_grad_norm()
+    if norm is not None and not math.isfinite(float(norm)):
+        raise stops.Diverged(run.state.global_step + 1, f"the gradient norm is {float(norm)}", run.output_dir)
     return loss_sum, tokens
 
 
@@ -262,6 +247,11 @@ def log_step(run: Run, window: metrics.Window, lr: float, bar) -> dict:
         if state.loss_kind == "train":
             state.loss_before = record["loss"] if state.loss_before is None else state.loss_before
             state.loss_after = record["loss"]
+        warning = metrics.fallback_warning(record["refactor_fallbacks"] - run.fallbacks_seen, state.global_step,
+                                           cfg.refactor_warmup, len(run.stepper.pairs))
+        run.fallbacks_seen = record["refactor_fallbacks"]
+        if warning:
+            run.log(warning)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
     return record
@@ -285,22 +275,15 @@ def maybe_evaluate(run: Run, record: dict) -> bool:
 
 def evaluate_now(run: Run) -> dict:
     """eval_loss, and eval_accuracy when it is on, of the weights as they are (all ranks)."""
-    cfg = run.cfg
-    scores = {"eval_loss": evaluate.dataset_loss(run.engine, run.eval_set, batch_size=cfg.micro_batch_size,
-                                                 pad_token_id=run.tokenizer.pad_token_id)}
-    if run.accuracy_rows is not None:
-        result = evaluate.evaluate(run.engine, run.tokenizer, run.accuracy_rows, modes=[cfg.eval_accuracy_mode],
-                                   loss=False, batch_size=cfg.micro_batch_size,
-                                   max_new_tokens=EVAL_MAX_NEW_TOKENS, template=cfg.prompt_template)
-        scores["eval_accuracy"] = result.accuracy[cfg.eval_accuracy_mode]
-    return scores
+    return evaluate.run_scores(run.engine, run.tokenizer, run.eval_set, run.accuracy_rows, run.cfg)
 
 
 def save(run: Run) -> Path:
     """A checkpoint of this step (all ranks); a new best is published; older checkpoints pruned."""
     state, tracker = run.state, run.tracker
     state.best = tracker.state() if tracker is not None else None
-    path = checkpoint.save(run.engine, run.output_dir, state, run.stepper.state_dict())
+    trainable = export.trainable_state_dict(run.engine)  # a collective: the fp32 masters, for export
+    path = checkpoint.save(run.engine, run.output_dir, state, run.stepper.state_dict(), trainable)
     run.log(f"saved checkpoint {path}")
     if tracker is not None and tracker.step == state.global_step:
         best.publish(run.engine, tracker, run.output_dir, run.source, run.cfg, run.log)
@@ -315,7 +298,10 @@ def save(run: Run) -> Path:
 
 
 def finish(run: Run, status: str) -> dict:
-    """The last checkpoint; for a finished run the adapter, loss curve and summary.json. Returns the summary."""
+    """The last checkpoint; for a finished run the adapter, loss curve and summary.json. Returns the summary.
+
+    summary.json comes last: a run is finished when it and the adapter exist.
+    """
     state, log = run.state, run.log
     if status == "preempted":
         at_step = run.last_saved is not None and run.last_saved.name == f"step-{state.global_step}"
@@ -341,10 +327,24 @@ def finish(run: Run, status: str) -> dict:
     return summary
 
 
-def _already_finished(saved: TrainerState, path: Path, output_dir: Path, log, rows, cfg, started) -> dict:
-    log(f"{output_dir} already holds a finished run ({path}, step {saved.global_step}); "
-        "raise max_steps to train further, or choose another output_dir to start over")
-    scored = None if rows is None else f"{cfg.eval_accuracy_mode}, {len(rows)} rows"
-    log(metrics.before_after(saved, scored))
+def _already_finished(cfg: RunConfig, saved: TrainerState, path: Path, loaded: dict, log, started: float) -> dict:
+    """A run whose last step is done: reported, or, if its ending was cut short, completed from the checkpoint."""
+    output_dir = Path(cfg.output_dir)
     tracker = best.BestCheckpoint(**saved.best) if saved.best else None
-    return metrics.summary("already_finished", saved, tracker, output_dir, path, time.time())
+    rows = loaded["rows"]
+    scored = None if rows is None else f"{cfg.eval_accuracy_mode}, {len(rows)} rows"
+    if metrics.is_finished(output_dir):
+        log(f"{output_dir} already holds a finished run ({path}, step {saved.global_step}); "
+            "raise max_steps to train further, or choose another output_dir to start over")
+        log(metrics.before_after(saved, scored))
+        return metrics.summary("already_finished", saved, tracker, output_dir, path, time.time())
+    log(f"{output_dir}: the last step was saved in {path} but the run's ending was cut short; completing it")
+    summary = metrics.summary("finished", saved, tracker, output_dir, path, started)
+    if dist.is_main():  # the run's own checkpoint: resume trusts it too
+        export.export_from_checkpoint(path, output_dir / checkpoint.ADAPTER, cfg, trust_checkpoint=True)
+        metrics.plot_loss(metrics.read_records(output_dir), output_dir / metrics.LOSS_PLOT)
+        atomic.write_json(output_dir / metrics.SUMMARY_FILE, summary)
+    dist.barrier()
+    log(f"adapter saved to {output_dir / checkpoint.ADAPTER}")
+    log(metrics.before_after(saved, scored))
+    return summary

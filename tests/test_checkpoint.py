@@ -25,7 +25,7 @@ from train_fixtures import (
     write_rows,
 )
 
-from reflora_ds import checkpoint
+from reflora_ds import checkpoint, stops
 from reflora_ds.best import BestCheckpoint
 from reflora_ds.config import ConfigError
 
@@ -35,8 +35,9 @@ from reflora_ds.config import ConfigError
 def fake_checkpoint(root: Path, name: str, complete: bool = True) -> Path:
     path = root / "checkpoints" / name
     path.mkdir(parents=True)
+    (path / checkpoint.TRAINER_STATE).write_text("{}")
     if complete:
-        (path / checkpoint.COMPLETE).write_text(name)
+        (path / checkpoint.COMPLETE).write_text(name)  # an earlier release's marker: no list of files
     return path
 
 
@@ -183,7 +184,7 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes(env, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == checkpoint.PREEMPTED_EXIT_CODE == 143, output
+    assert proc.returncode == stops.PREEMPTED_EXIT_CODE == 143, output
     assert "stopped by SIGTERM" in output
     saved = checkpoint.find_latest_complete(out)
     assert saved is not None and not list((out / "checkpoints").glob(".tmp-*"))

@@ -221,7 +221,11 @@ def test_zero3_export_is_complete_and_reproduces_logits(zero3_run, tiny_dir):
 
 @pytest.mark.distributed
 def test_zero3_checkpoint_exports_the_same_adapter(zero3_run, tiny_dir, tmp_path):
-    out = export_from_checkpoint(zero3_run / "ckpt", tmp_path / "adapter", lora_cfg(tiny_dir))
+    # Written by engine.save_checkpoint directly, so without the trainer's safetensors copy: DeepSpeed's own
+    # files (zero_to_fp32) are read, which the caller must trust.
+    with pytest.raises(ExportError, match="--trust-checkpoint"):
+        export_from_checkpoint(zero3_run / "ckpt", tmp_path / "refused", lora_cfg(tiny_dir))
+    out = export_from_checkpoint(zero3_run / "ckpt", tmp_path / "adapter", lora_cfg(tiny_dir), trust_checkpoint=True)
     from_ckpt, from_model = load_adapter_weights(out), load_adapter_weights(zero3_run / "adapter")
     assert from_ckpt.keys() == from_model.keys()
     for key in from_model:
@@ -265,7 +269,7 @@ def test_cli_export_merge_eval_chain(zero3_run, tiny_dir, tmp_path):
                                           "optimizer": "reflora"}))
     runner = CliRunner()
     done = runner.invoke(app, ["export", str(zero3_run / "ckpt"), "--out", str(tmp_path / "adapter"),
-                               "--config", str(run_config)])
+                               "--config", str(run_config), "--trust-checkpoint"])
     assert done.exit_code == 0, done.output
     assert "20 tensors" in done.output
     done = runner.invoke(app, ["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
