@@ -404,8 +404,15 @@ class OutputLock:
 
 def load(engine, path: Path) -> tuple[TrainerState, dict]:
     """Load a checkpoint into the engine, restore this rank's RNG; returns the trainer and method states."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise CheckpointError(f"resume_from_checkpoint: {path} holds another configuration's run ({first}); "
+                              "restore that run's settings, or choose another output_dir") from None
     if client_state is None:
         raise ConfigError(f"resume_from_checkpoint: DeepSpeed could not load {path}")
     rng = _rng_file(path, rank())

@@ -229,10 +229,13 @@ def checkpoint_trainable_weights(checkpoint_dir: str | Path, tag: str | None = N
     """
     from safetensors.torch import load_file
 
-    from .checkpoint import TRAINABLE
+    from .checkpoint import TRAINABLE, damage, is_complete
 
     save_dir, found_tag = find_checkpoint(checkpoint_dir, tag)
     tag_dir = save_dir / found_tag
+    problem = damage(tag_dir) if is_complete(tag_dir) else None
+    if problem is not None:
+        raise ExportError(f"{tag_dir} is damaged: {problem}; export an earlier checkpoint (--tag)")
     if (tag_dir / TRAINABLE).is_file():
         return {name: t.float() for name, t in load_file(str(tag_dir / TRAINABLE)).items()}
     if not trust:

@@ -66,9 +66,12 @@ def main() -> int:
         final = adapter_tensors(out)
         return final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
 
+    from reflora_ds.checkpoint import list_complete
+
     rng = random.Random(args.seed)
-    out, kills, violations, finishes = work / "killed", 0, [], []
+    out, kills, violations, finishes, mid_training = work / "killed", 0, [], [], 0
     while kills < args.kills:
+        before = len(list_complete(out))
         proc = run("killed")
         try:
             proc.wait(timeout=rng.uniform(0.2, span))
@@ -76,6 +79,7 @@ def main() -> int:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
+            mid_training += len(list_complete(out)) != before  # it had saved a step before it died
         summary = out / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished" \
                 and not (out / "adapter" / "adapter_model.safetensors").is_file():
@@ -84,7 +88,7 @@ def main() -> int:
             finishes.append(same_adapter())
             print(f"the run finished before kill {kills + 1} (adapter equal: {finishes[-1]}); starting over")
             subprocess.run(["rm", "-rf", str(out)], check=True)
-    print(f"{kills} kills")
+    print(f"{kills} kills, {mid_training} of them after the run had saved a new step")
     if run("killed").wait() != 0:
         print("the resumed run failed", file=sys.stderr)
         return 1

@@ -352,6 +352,16 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(finished, t
     assert "resumed from" in result.output and "step-2 at step 2/6" in result.output
 
 
+def test_export_of_a_damaged_checkpoint_names_the_damage(finished, tmp_path):
+    out, _ = copy_of(finished, tmp_path)
+    (out / "checkpoints" / "step-4" / checkpoint.TRAINABLE).write_bytes(b"")
+    named = run_cli(["export", out / "checkpoints" / "step-4", "--out", tmp_path / "a"])
+    assert named.exit_code == 2
+    one_error_line(named, "step-4 is damaged", "0 bytes")
+    newest = run_cli(["export", out, "--out", tmp_path / "b"])  # the newest undamaged one instead
+    assert newest.exit_code == 0 and "step-2" in newest.output, newest.output
+
+
 def test_an_adapter_for_another_base_is_refused_in_eval_and_merge(finished, env, tmp_path):
     from tiny_models import tiny_llama
 
