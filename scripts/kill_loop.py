@@ -71,7 +71,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     out, kills, violations, finishes, mid_training = work / "killed", 0, [], [], 0
     while kills < args.kills:
-        before = len(list_complete(out))
+        newest = lambda: max((step for step, _ in list_complete(out)), default=0)  # noqa: E731
+        before = newest()
         proc = run("killed")
         try:
             proc.wait(timeout=rng.uniform(0.2, span))
