@@ -29,6 +29,7 @@ from pathlib import Path
 SUITES = {
     "overhead": "benchmarks.overhead",
     "convergence": "benchmarks.convergence",
+    "eval": "benchmarks.eval",
     "memory": "benchmarks.memory",
     "zero": "benchmarks.zero",
     "peer": "benchmarks.peer",

@@ -394,6 +394,25 @@ def merge(
 # --- bench ---------------------------------------------------------------------------------
 
 
+@app.command("lm-eval-tasks")
+def lm_eval_tasks(
+    data: list[Path] = typer.Option(..., "--data", help="LLM-Adapters-format set (JSON); repeatable."),
+    out: Path = typer.Option(Path("lm_eval_tasks"), "--out", help="Folder for the task YAMLs and their utils.py."),
+):
+    """lm-eval tasks for LLM-Adapters sets: score an exported adapter with lm-eval on the same prompts and options.
+
+    Then: lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER --include_path OUT --tasks NAME
+    (pip install 'reflora_ds[eval]' brings lm-eval).
+    """
+    from .lmeval import write_tasks
+
+    for path in data:
+        if not path.is_file():
+            _fail(FileNotFoundError(f"--data {path}: no such file"))
+    names = write_tasks(data, out)
+    typer.echo(f"wrote {len(names)} task(s) to {out}: {', '.join(names)}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                 "help_option_names": []})
 def bench(ctx: typer.Context):

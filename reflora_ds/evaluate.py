@@ -263,12 +263,18 @@ def score_generate(
     model, tokenizer, questions: Sequence[Question], *, batch_size: int = 8, max_new_tokens: int = 32,
     dummy: Question | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """One record per question: the generation, the label parsed from it (or None), and correctness."""
+    """One record per question: the generation, the label parsed from it (or None), and correctness.
+
+    Prompts of similar length are batched together (left padding, one KV
+    cache per batch), so little of each batch is padding; records are keyed
+    by the question's index.
+    """
     model = dist.unwrap(model)
     lockstep = _lockstep(model)
     records = []
+    by_length = sorted(questions, key=lambda q: len(q.prompt))
     with inference_mode(model):
-        for batch, real in _batches_in_lockstep(questions, batch_size, lockstep):
+        for batch, real in _batches_in_lockstep(by_length, batch_size, lockstep):
             if not real:
                 _generate(model, tokenizer, [(dummy or questions[0]).prompt], max_new_tokens, synced=True)
                 continue
@@ -312,7 +318,7 @@ def response_logprobs(model, batch: dict[str, torch.Tensor],
     return prefix, alt
 
 
-def _option_samples(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
+def option_samples(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
     """Prompt + response for every (question, label), labels on the response only, no EOS."""
     rows, owners = [], []
     for q in questions:
@@ -337,7 +343,7 @@ def _option_sequences(questions: Sequence[Question], tokenizer, template: str) -
     Each sequence carries ``options``: (label, last token id) pairs it scores.
     """
     by_question: dict[int, list[dict]] = {}
-    for sample in _option_samples(questions, tokenizer, template):
+    for sample in option_samples(questions, tokenizer, template):
         by_question.setdefault(sample["index"], []).append(sample)
     sequences = []
     for samples in by_question.values():
@@ -372,7 +378,7 @@ def score_likelihood(
     with inference_mode(model):
         for batch, real in _batches_in_lockstep(sequences, batch_size, lockstep):
             if not real:
-                response_logprobs(model, collate(_option_samples([dummy or questions[0]], tokenizer, template)[:1]))
+                response_logprobs(model, collate(option_samples([dummy or questions[0]], tokenizer, template)[:1]))
                 continue
             prefix, alternatives = response_logprobs(model, collate(batch), [[t for _, t in s["options"]]
                                                                             for s in batch])

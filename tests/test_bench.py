@@ -94,6 +94,19 @@ def test_convergence_quick(tmp_path):
     assert again["results"]["runs"] == 12
 
 
+def test_eval_quick(tmp_path):
+    record, out = run_quick("eval", tmp_path)
+    check_common(record, "eval", out)
+    entry = record["results"]["sizes"]["8"]
+    assert entry["same_predictions_as_per_option"] and entry["accuracy"]["reflora_ds"] == entry["accuracy"]["per_option"]
+    assert entry["options"] > entry["rows"]  # several options a row: sharing their forward is what is measured
+    assert all(finite_positive(s["median"]) for s in entry["seconds"].values())
+    if "lm_eval" in entry["seconds"]:
+        assert entry["same_predictions_as_lm_eval"]
+    full = record["results"]["full"]
+    assert full["rows"] == 16 and set(full["accuracy"]) == {"generate", "likelihood"} and finite_positive(full["loss"])
+
+
 def test_memory_quick(tmp_path):
     record, out = run_quick("memory", tmp_path)
     check_common(record, "memory", out)
