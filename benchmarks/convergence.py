@@ -197,7 +197,7 @@ def eval_loss(model, samples: list[dict], collate, batch_size: int) -> float:
     with inference_mode(model):
         for start in range(0, len(samples), batch_size):
             batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size]).items()}
-            total -= float(response_logprobs(model, batch)[0].sum())
+            total -= float(response_logprobs(model, batch).total.sum())
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / max(tokens, 1)
 

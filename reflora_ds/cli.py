@@ -257,7 +257,9 @@ def eval_command(
     mode: str = typer.Option("generate", help="generate (greedy, then parse the label), likelihood "
                                               "(best-scoring label), or both."),
     limit: int = typer.Option(None, help="Only the first N rows of each set."),
-    batch_size: int = typer.Option(8, help="Prompts per generate call; sequences per forward in likelihood mode."),
+    batch_size: int = typer.Option(8, help="Sequences per forward in likelihood mode and for the loss."),
+    generate_batch_size: int = typer.Option(32, help="Prompts per generate call (a decoding step costs "
+                                                     "little more for more prompts)."),
     max_new_tokens: int = typer.Option(32, help="Tokens generated per prompt."),
     loss: bool = typer.Option(True, "--loss/--no-loss", help="Also report response-token loss and perplexity."),
     cutoff_len: int = typer.Option(256, help="Maximum tokens per sample for the loss."),
@@ -308,7 +310,8 @@ def eval_command(
         bar, progress = _progress_bar(enabled=rank == 0)
         with bar:
             results = [evaluate(model, tokenizer, path, modes=modes, loss=loss, limit=limit, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, cutoff_len=cutoff_len, progress=progress)
+                                max_new_tokens=max_new_tokens, cutoff_len=cutoff_len, progress=progress,
+                                generate_batch_size=generate_batch_size)
                        for path in (data or [EMBEDDED_TEST])]
     except (ConfigError, DataError, EvalError, ExportError, FileNotFoundError, ValueError) as err:
         _fail(err)
@@ -321,7 +324,8 @@ def eval_command(
         if result.note:
             typer.echo(f"note: {result.task}: {result.note}")
     meta = {"base_model": source, "adapter": str(adapter) if adapter else None, "modes": modes, "limit": limit,
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "world_size": world,
+            "batch_size": batch_size, "generate_batch_size": generate_batch_size, "max_new_tokens": max_new_tokens,
+            "world_size": world,
             "load_in_4bit": cfg.load_in_4bit, "seconds": round(time.perf_counter() - started, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results_json(results, meta), indent=2))

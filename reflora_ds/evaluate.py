@@ -291,35 +291,61 @@ def score_generate(
 # --- likelihood of each option ------------------------------------------------------
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor],
-                      alternatives: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, list[list[float]] | None]:
-    """Per row, the summed log p(token) over the positions whose label is not IGNORE_INDEX.
+@dataclass
+class LogProbs:
+    """Per row of a batch: ``total``, the summed log p of the labelled tokens; with alternatives,
+    ``prefix``, that sum before the label position, and ``alternatives``, log p of each candidate there."""
 
-    With ``alternatives`` (token ids per row), also log p of each of them at
-    the row's last labelled position, in place of the token there; the sum
-    then leaves that last token out. One forward scores a row's options that
-    share all but their last token: option k scores ``sum + alternatives[k]``.
+    total: torch.Tensor
+    prefix: torch.Tensor | None = None
+    alternatives: list[list[float]] | None = None
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], alternatives: Sequence[Sequence[int]] | None = None,
+                      after: Sequence[int] | None = None) -> LogProbs:
+    """Log-probabilities of the labelled (non-IGNORE_INDEX) tokens of each row, one forward.
+
+    With ``alternatives`` (token ids per row): log p of each of them at the
+    row's label position, in place of the token there: the last labelled
+    position, or ``after[b]`` positions before it (an EOS may follow the
+    label). One forward then scores a row's options that share all but their
+    label token: option k scores ``prefix + alternatives[k]``.
     """
     device = _device(model)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logits = logits[:, :-1].float()
+    batch = _to_left_padding(batch)
+    # Only positions from the first labelled one on need logits: with left padding that is the last
+    # `keep` columns of every row, and the model computes (and we normalise) no others.
+    labelled = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
+    keep = batch["labels"].shape[1] - int(labelled[0]) + 1 if len(labelled) else 1
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   position_ids=batch["position_ids"].to(device), logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1].float()
     norm = logits.logsumexp(-1)
-    targets = batch["labels"][:, 1:].to(logits.device)
+    targets = batch["labels"][:, -keep + 1:].to(logits.device)
     mask = targets != IGNORE_INDEX
     token_logp = logits.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1) - norm
     token_logp = token_logp * mask
     if alternatives is None:
-        return token_logp.sum(-1), None
+        return LogProbs(token_logp.sum(-1))
     positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (mask * positions).argmax(-1)  # the last labelled position of each row
-    rows = torch.arange(len(last), device=last.device)
-    prefix = token_logp.sum(-1) - token_logp[rows, last]
-    alt = [(logits[b, last[b], list(ids)] - norm[b, last[b]]).tolist() for b, ids in enumerate(alternatives)]
-    return prefix, alt
+    at = (mask * positions).argmax(-1) - torch.as_tensor(after or [0] * len(mask), device=mask.device)
+    prefix = (token_logp * (positions[None, :] < at[:, None])).sum(-1)
+    alt = [(logits[b, at[b], list(ids)] - norm[b, at[b]]).tolist() for b, ids in enumerate(alternatives)]
+    return LogProbs(token_logp.sum(-1), prefix, alt)
 
 
-def option_samples(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
-    """Prompt + response for every (question, label), labels on the response only, no EOS."""
+def _to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch (PadCollator) moved to the left, with the position ids the tokens had unpadded."""
+    lengths = batch["attention_mask"].sum(1)
+    width = batch["input_ids"].shape[1]
+    shift = (torch.arange(width)[None, :] - (width - lengths)[:, None]) % width  # row b rolled right by its padding
+    moved = {k: batch[k].gather(1, shift) for k in ("input_ids", "attention_mask", "labels")}
+    moved["position_ids"] = (moved["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return moved
+
+
+def option_samples(questions: Sequence[Question], tokenizer, template: str, eos: bool = False) -> list[dict]:
+    """Prompt + response for every (question, label), labels on the response (and with ``eos`` the EOS)."""
     rows, owners = [], []
     for q in questions:
         for label in q.labels:
@@ -330,31 +356,36 @@ def option_samples(questions: Sequence[Question], tokenizer, template: str) -> l
     columns, _ = tokenize_rows(rows, tokenizer, template=template, cutoff_len=1 << 20)
     samples = []
     for (index, label), ids, labels in zip(owners, columns["input_ids"], columns["labels"]):
-        if ids[-1] == tokenizer.eos_token_id:  # the training EOS: not part of the option
+        if not eos and ids[-1] == tokenizer.eos_token_id:  # the training EOS: not part of the option
             ids, labels = ids[:-1], labels[:-1]
         samples.append({"index": index, "label": label, "input_ids": ids, "labels": labels})
     return samples
 
 
-def _option_sequences(questions: Sequence[Question], tokenizer, template: str) -> list[dict]:
+def _option_sequences(questions: Sequence[Question], tokenizer, template: str, eos: bool = False) -> list[dict]:
     """What to run forwards on: one sequence per question whose options differ only in their
-    last token (each option read off its last position), else one per option.
+    label token (each option read off that position), else one per option.
 
-    Each sequence carries ``options``: (label, last token id) pairs it scores.
+    Each sequence carries ``options``, the (label, label token id) pairs it
+    scores, and ``gold``: whether it is the gold answer's own sequence (with
+    ``eos``, its log-likelihood is then that row's training loss).
     """
+    cut = 2 if eos else 1  # the tokens after the shared part: the label's last token (and the EOS)
+    answers = {q.index: q.answer for q in questions}
     by_question: dict[int, list[dict]] = {}
-    for sample in option_samples(questions, tokenizer, template):
+    for sample in option_samples(questions, tokenizer, template, eos):
         by_question.setdefault(sample["index"], []).append(sample)
     sequences = []
-    for samples in by_question.values():
+    for index, samples in by_question.items():
         first = samples[0]
-        shared = all(len(s["input_ids"]) == len(first["input_ids"]) and s["input_ids"][:-1] == first["input_ids"][:-1]
-                     and s["labels"][-1] != IGNORE_INDEX for s in samples)
+        shared = all(len(s["input_ids"]) == len(first["input_ids"]) and s["input_ids"][:-cut] == first["input_ids"][:-cut]
+                     and s["labels"][-cut] != IGNORE_INDEX for s in samples)
         groups = [samples] if shared else [[s] for s in samples]
         for group in groups:
-            sequences.append({"index": first["index"], "input_ids": group[0]["input_ids"],
-                              "labels": group[0]["labels"],
-                              "options": [(s["label"], s["input_ids"][-1]) for s in group]})
+            own = next((s for s in group if s["label"] == answers[index]), group[0])  # the gold's tokens when here
+            sequences.append({"index": index, "input_ids": own["input_ids"], "labels": own["labels"],
+                              "options": [(s["label"], s["input_ids"][-cut]) for s in group],
+                              "gold": own["label"] == answers[index], "after": cut - 1})
     return sequences
 
 
@@ -369,22 +400,42 @@ def score_likelihood(
     batch_size counts sequences. Right padding with an attention mask leaves
     every real token's logits as without padding.
     """
+    return _likelihood(model, tokenizer, questions, batch_size, template, dummy, on_batch)[0]
+
+
+def _likelihood(model, tokenizer, questions: Sequence[Question], batch_size: int, template: str,
+                dummy: Question | None, on_batch, loss_cutoff: int | None = None,
+                outputs: dict[int, str] | None = None) -> tuple[list[dict], dict | None]:
+    """score_likelihood's records; with ``loss_cutoff``, also the response loss of the gold answers
+    (the gold's sequence then ends with EOS, as in training) over the rows whose gold response is
+    their training ``outputs`` text and fits in loss_cutoff tokens, and the indices of the others
+    ("uncovered": their loss is the caller's to compute)."""
     model = dist.unwrap(model)
     lockstep = _lockstep(model)
     collate = PadCollator(tokenizer.pad_token_id)
+    eos = loss_cutoff is not None
     # Similar lengths side by side waste less compute on padding; scores are keyed, so order is free.
-    sequences = sorted(_option_sequences(questions, tokenizer, template), key=lambda x: len(x["input_ids"]))
+    sequences = sorted(_option_sequences(questions, tokenizer, template, eos), key=lambda x: len(x["input_ids"]))
     scores: dict[int, dict[str, float]] = {q.index: {} for q in questions}
+    loss = {"loss_sum": 0.0, "tokens": 0, "uncovered": []}
+    same_text = {q.index for q in questions if outputs is not None and q.response(q.answer) == outputs.get(q.index)}
     with inference_mode(model):
         for batch, real in _batches_in_lockstep(sequences, batch_size, lockstep):
             if not real:
                 response_logprobs(model, collate(option_samples([dummy or questions[0]], tokenizer, template)[:1]))
                 continue
-            prefix, alternatives = response_logprobs(model, collate(batch), [[t for _, t in s["options"]]
-                                                                            for s in batch])
-            for sequence, base, alt in zip(batch, prefix.tolist(), alternatives):
+            out = response_logprobs(model, collate(batch), [[t for _, t in s["options"]] for s in batch],
+                                    [s["after"] for s in batch])
+            for sequence, total, base, alt in zip(batch, out.total.tolist(), out.prefix.tolist(), out.alternatives):
                 for (label, _), value in zip(sequence["options"], alt):
                     scores[sequence["index"]][label] = base + value
+                if eos and sequence["gold"]:
+                    # Truncated in training, or a training text other than the gold response: not this loss.
+                    if len(sequence["input_ids"]) > loss_cutoff or sequence["index"] not in same_text:
+                        loss["uncovered"].append(sequence["index"])
+                    else:
+                        loss["loss_sum"] -= total
+                        loss["tokens"] += sum(label != IGNORE_INDEX for label in sequence["labels"][1:])
             if on_batch:
                 on_batch(sum(len(s["options"]) for s in batch))
     records = []
@@ -395,7 +446,7 @@ def score_likelihood(
         predicted = max(finite, key=lambda label: options[label]) if finite else None
         records.append({"index": q.index, "answer": q.answer, "prediction": predicted,
                         "correct": predicted == q.answer, "scores": options})
-    return records
+    return records, loss if eos else None
 
 
 # --- loss and perplexity -------------------------------------------------------------
@@ -418,7 +469,7 @@ def sample_loss(model, samples: Sequence[dict], *, batch_size: int, pad_token_id
                 response_logprobs(model, collate([dummy or samples[0]]))
                 continue
             collated = collate(batch)
-            total -= response_logprobs(model, collated)[0].sum().item()
+            total -= response_logprobs(model, collated).total.sum().item()
             tokens += int((collated["labels"][:, 1:] != IGNORE_INDEX).sum())
             if on_batch:
                 on_batch(len(batch))
@@ -503,6 +554,7 @@ def evaluate(
     cutoff_len: int = 256,
     template: str = "alpaca",
     progress: Callable[[str, int, int], None] | None = None,
+    generate_batch_size: int | None = None,
 ) -> EvalResult:
     """Accuracy in each mode (rows with an `answer`), and loss/perplexity, of one set.
 
@@ -511,7 +563,10 @@ def evaluate(
     (see inference_mode for why that matters for 4-bit bases). Under
     torch.distributed call it on every rank: each scores rows rank, rank+W, ...
     and every rank returns the combined result. `progress(stage, done, total)`
-    is called after each batch with this rank's counts.
+    is called after each batch with this rank's counts. With likelihood and
+    loss both asked for, the loss comes from the likelihood forwards (the gold
+    answer's sequence, with EOS as in training). `generate_batch_size`
+    (default batch_size): prompts per generate call.
     """
     modes = list(modes)
     unknown = [m for m in modes if m not in MODES]
@@ -543,18 +598,21 @@ def evaluate(
     if modes and unlabelled:
         result.note = (f"no accuracy: {unlabelled} of {len(rows)} rows have no 'answer' label "
                        "(the LLM-Adapters format has one); loss only")
+    merged_loss = None  # the loss taken from the likelihood forwards, when both are asked for
     if scored:
         questions = [make_question(i, row, template) for i, row in enumerate(rows)]
         mine = questions[rank::world]
         for mode in scored:
             mode_start = time.perf_counter()
             if mode == "generate":
-                local = score_generate(model, tokenizer, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       dummy=questions[0], on_batch=report(mode, len(mine)))
+                local = score_generate(model, tokenizer, mine, batch_size=generate_batch_size or batch_size,
+                                       max_new_tokens=max_new_tokens, dummy=questions[0],
+                                       on_batch=report(mode, len(mine)))
             else:
                 sequences = sum(len(q.labels) for q in mine)
-                local = score_likelihood(model, tokenizer, mine, batch_size=batch_size, template=template,
-                                         dummy=questions[0], on_batch=report(mode, sequences))
+                local, merged_loss = _likelihood(model, tokenizer, mine, batch_size, template, questions[0],
+                                                 report(mode, sequences), cutoff_len if loss else None,
+                                                 {q.index: rows[q.index].get("output", "") for q in mine})
             records = _gather(local)
             result.examples[mode] = records
             result.correct[mode] = sum(r["correct"] for r in records)
@@ -565,9 +623,12 @@ def evaluate(
 
     if loss:
         loss_start = time.perf_counter()
-        mine_rows = rows[rank::world]
-        local = score_loss(model, tokenizer, mine_rows, batch_size=batch_size, cutoff_len=cutoff_len,
-                           template=template, dummy=rows[0], on_batch=report("loss", len(mine_rows)))
+        # Rows the likelihood pass did not cover (all of them without it; else those longer than cutoff_len).
+        left = rows[rank::world] if merged_loss is None else [rows[i] for i in merged_loss["uncovered"]]
+        local = score_loss(model, tokenizer, left, batch_size=batch_size, cutoff_len=cutoff_len,
+                           template=template, dummy=rows[0], on_batch=report("loss", len(left)))
+        if merged_loss is not None:
+            local = {k: local[k] + merged_loss[k] for k in ("loss_sum", "tokens")}
         parts = _gather([{"index": rank, **local}])
         total, tokens = sum(p["loss_sum"] for p in parts), sum(p["tokens"] for p in parts)
         if tokens:

@@ -338,6 +338,19 @@ def test_options_differing_in_the_last_token_share_one_forward_and_score_the_sam
                                          "answer": label}], tok, cutoff_len=1 << 20)
             ids, labels = columns["input_ids"][0][:-1], columns["labels"][0][:-1]  # without the training EOS
             with torch.no_grad():
-                alone = response_logprobs(model, collate([{"input_ids": ids, "labels": labels}]))[0].item()
+                alone = response_logprobs(model, collate([{"input_ids": ids, "labels": labels}])).total.item()
             assert record["scores"][label] == pytest.approx(alone, abs=1e-4)
     model.train()
+
+
+@pytest.mark.parametrize("cutoff_len", [256, 110])  # 110: two rows are truncated in training
+def test_loss_from_the_likelihood_forwards_equals_the_separate_loss_pass(llama, cutoff_len):
+    """With likelihood and loss both asked for, one pass gives both: the same loss as scoring it alone."""
+    model, tok = llama
+    free_text = dict(SET[0], output="I think it is the second one")  # a training text that is not the template
+    rows = [*SET, free_text]
+    both = evaluate(model, tok, rows, modes=["likelihood"], loss=True, batch_size=3, cutoff_len=cutoff_len)
+    alone = evaluate(model, tok, rows, modes=[], loss=True, batch_size=3, cutoff_len=cutoff_len)
+    assert both.loss_tokens == alone.loss_tokens
+    assert both.loss == pytest.approx(alone.loss, rel=1e-5)
+    assert both.seconds["loss"] < both.seconds["likelihood"]  # the loss pass only covers what was left
