@@ -315,8 +315,8 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], alternatives: Seque
     batch = _to_left_padding(batch)
     # Only positions from the first labelled one on need logits: with left padding that is the last
     # `keep` columns of every row, and the model computes (and we normalise) no others.
-    labelled = (batch["labels"] != IGNORE_INDEX).any(0).nonzero()
-    keep = batch["labels"].shape[1] - int(labelled[0]) + 1 if len(labelled) else 1
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero()  # as targets: label j is predicted at j-1
+    keep = batch["labels"].shape[1] - int(labelled[0]) if len(labelled) else 1
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                    position_ids=batch["position_ids"].to(device), logits_to_keep=keep).logits
     logits = logits[:, -keep:-1].float()
@@ -341,6 +341,9 @@ def _to_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     shift = (torch.arange(width)[None, :] - (width - lengths)[:, None]) % width  # row b rolled right by its padding
     moved = {k: batch[k].gather(1, shift) for k in ("input_ids", "attention_mask", "labels")}
     moved["position_ids"] = (moved["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    # A row's first token has no predecessor (in the right-padded batch it sat in column 0, never a target).
+    first = torch.nn.functional.pad(moved["attention_mask"][:, :-1], (1, 0)) == 0
+    moved["labels"] = moved["labels"].masked_fill(first, IGNORE_INDEX)
     return moved
 
 

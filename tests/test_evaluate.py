@@ -354,3 +354,20 @@ def test_loss_from_the_likelihood_forwards_equals_the_separate_loss_pass(llama, 
     assert both.loss_tokens == alone.loss_tokens
     assert both.loss == pytest.approx(alone.loss, rel=1e-5)
     assert both.seconds["loss"] < both.seconds["likelihood"]  # the loss pass only covers what was left
+
+
+def test_sample_loss_of_plain_text_equals_the_model_loss(llama):
+    """Labels on every token (causal-LM text), rows of different lengths: the same loss as the model's own."""
+    from reflora_ds.evaluate import sample_loss
+
+    model, tok = llama
+    texts = ["The quick brown fox jumps over the lazy dog.", "A tiny model learns.", "the correct answer is answer4"]
+    samples = [{"input_ids": ids, "labels": ids} for ids in (tok(t)["input_ids"] for t in texts)]
+    got = sample_loss(model, samples, batch_size=3, pad_token_id=tok.pad_token_id)
+    batch = PadCollator(tok.pad_token_id)(samples)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).loss.item()  # HF: mean over every labelled token of the batch
+    model.train()
+    assert got["tokens"] == sum(len(s["input_ids"]) - 1 for s in samples)
+    assert got["loss_sum"] / got["tokens"] == pytest.approx(expected, rel=1e-5)
