@@ -8,8 +8,10 @@ Every run trains a fresh LoRA adapter on SmolLM2-135M-Instruct (fp32) in a
 plain PyTorch loop with the method attached through ``reflora_ds.attach``
 (the path the ZeRO equivalence tests pin to the DeepSpeed trainer), and
 writes ``<out>/convergence/<run>.json`` when it ends.  A run whose JSON exists
-is skipped, so an interrupted study continues where it stopped; several
-workers may share a folder (each run is claimed with a lock file).
+is skipped, and a run under way keeps its state at every evaluation
+(``convergence/.partial/``), so an interrupted study continues where it
+stopped, to the bit; several workers may share a folder (each run is claimed
+with a lock file).
 
 The recipe, fixed before any run (``RECIPE``; the grids in ``STAGES``):
 
@@ -60,6 +62,7 @@ from reflora_ds.schedule import lr_lambda
 from .common import METHOD_SETUP, attach_method, base_model, bbc_articles, bbc_dir, machine, with_lora
 
 RUNS_DIR = "convergence"  # per-run JSONs, inside --out
+PARTIAL_DIR = ".partial"  # inside RUNS_DIR: the state of runs under way, kept at every evaluation
 SPLIT_SEED = 1234  # fixes every held-out set; a run's seed orders only its training data
 REPO = Path(__file__).resolve().parent.parent
 COMMONSENSE_DIR = Path(os.environ.get("REFLORA_COMMONSENSE_DIR", REPO.parent / "shared" / "data" / "commonsense"))
@@ -219,7 +222,15 @@ def test_scores(model, tokenizer, task: Task, collate, recipe: Recipe) -> dict:
 # --- one run ---------------------------------------------------------------------------------------------
 
 
-def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe) -> dict:
+def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partial: Path | None = None,
+              stop_after: int | None = None) -> dict | None:
+    """Train one run; with ``partial``, the run's state is kept there at every evaluation and picked up again.
+
+    A run resumed from ``partial`` continues bit for bit where it stopped (the
+    LoRA weights, optimizer and schedule state, the stepper's counters and the
+    dropout generator are restored).  ``stop_after`` (tests): return None after
+    that step's evaluation, as a killed worker would.
+    """
     torch.manual_seed(spec.seed)
     _, dora = METHOD_SETUP[spec.method]
     model = with_lora(base, recipe.r, dora=dora, dropout=recipe.dropout, alpha=recipe.alpha)
@@ -233,11 +244,24 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe) -> dic
     rng = np.random.default_rng(spec.seed)
     needed = spec.steps * recipe.batch
     order = np.concatenate([rng.permutation(len(task.train)) for _ in range(-(-needed // len(task.train)))])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    curve = [[0, eval_loss(model, task.eval, collate, recipe.eval_batch)]]
-    train_loss, diagnostics, diverged = [], [], False
-    tic, cpu = time.perf_counter(), time.process_time()
-    for step in range(1, spec.steps + 1):
+    state = load_partial(partial, spec)
+    if state is None:
+        state = {"step": 0, "curve": [[0, eval_loss(model, task.eval, collate, recipe.eval_batch)]],
+                 "train_loss": [], "diagnostics": [], "seconds": 0.0, "cpu_seconds": 0.0}
+    else:
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                trainable[name].copy_(value)
+        opt.load_state_dict(state["opt"])
+        schedule.load_state_dict(state["schedule"])
+        stepper.load_state_dict(state["stepper"])
+        torch.set_rng_state(state["rng"])
+        print(f"{spec.name}: resumed after step {state['step']}", flush=True)
+    curve, train_loss, diagnostics, diverged = state["curve"], state["train_loss"], state["diagnostics"], False
+    tic, cpu = time.perf_counter() - state["seconds"], time.process_time() - state["cpu_seconds"]
+    for step in range(state["step"] + 1, spec.steps + 1):
         rows = [task.train[i] for i in order[(step - 1) * recipe.batch:step * recipe.batch]]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         probing = step % recipe.diag_every == 0
@@ -259,6 +283,15 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe) -> dic
             if not math.isfinite(curve[-1][1]):
                 diverged = True
                 break
+            if partial is not None and step < spec.steps:
+                save_partial(partial, spec, {
+                    "step": step, "curve": curve, "train_loss": train_loss, "diagnostics": diagnostics,
+                    "seconds": time.perf_counter() - tic, "cpu_seconds": time.process_time() - cpu,
+                    "trainable": {n: p.detach().clone() for n, p in trainable.items()},
+                    "opt": opt.state_dict(), "schedule": schedule.state_dict(), "stepper": stepper.state_dict(),
+                    "rng": torch.get_rng_state()})
+            if stop_after is not None and step >= stop_after:
+                return None
     test = {} if diverged else test_scores(model, tokenizer, task, collate, recipe)
     return {
         **asdict(spec), "name": spec.name, "refactor_warmup_steps": refactor_warmup, "lr_warmup_steps": lr_warmup,
@@ -266,6 +299,26 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe) -> dic
         "test": test, "diverged": diverged, "fallbacks": stepper.stats["fallbacks"],
         "seconds": round(time.perf_counter() - tic, 1), "cpu_seconds": round(time.process_time() - cpu, 1),
     }
+
+
+def save_partial(path: Path, spec: RunSpec, state: dict) -> None:
+    """The run's state after an evaluation, replaced in one step (a kill mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"spec": asdict(spec), **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_partial(path: Path | None, spec: RunSpec) -> dict | None:
+    """A saved state of this very run, or None.  Only our own files live there; still, nothing is unpickled."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file costs the run's progress, not the study
+        print(f"{spec.name}: ignoring unreadable {path.name} ({exc.__class__.__name__}); starting over", flush=True)
+        return None
+    return state if state.get("spec") == asdict(spec) else None
 
 
 def diagnose(step: int, stepper, probe: dict | None) -> dict:
@@ -308,11 +361,13 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str =
                 continue  # another worker has it, or finished it meanwhile
             if spec.task not in tasks:
                 tasks[spec.task] = TASKS[spec.task](tokenizer, recipe, quick)
-            result = train_run(spec, base, tokenizer, tasks[spec.task], recipe)
+            partial = runs_dir / PARTIAL_DIR / f"{spec.name}.pt"
+            result = train_run(spec, base, tokenizer, tasks[spec.task], recipe, partial)
             result.update(quick=quick, dtype=dtype, machine=info, code=commit,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             atomic.write_json(target, result, indent=1)
             written.append(target)
+            partial.unlink(missing_ok=True)
             final = result["eval_curve"][-1][1]
             print(f"{spec.name}: eval loss {result['eval_curve'][0][1]:.4f} -> {final:.4f}"
                   f"{' (diverged)' if result['diverged'] else ''}, test {result['test']}, {result['seconds']} s",

@@ -160,3 +160,34 @@ def test_unknown_suite_is_refused(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "overhead" in proc.stderr
 
+
+
+def test_convergence_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A study run stopped after an evaluation and resumed from its saved state ends exactly as an unbroken one."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import convergence as study_runs
+    from benchmarks.common import base_model
+
+    recipe = study_runs.QUICK_RECIPE
+    base, tokenizer = base_model(True)
+    task = study_runs.lm_task(tokenizer, recipe, quick=True)
+    spec = study_runs.RunSpec("lm", "reflora", 1e-2, seed=0, steps=8, refactor_warmup=0.25)
+    whole = study_runs.train_run(spec, base, tokenizer, task, recipe)
+
+    partial = tmp_path / "run.pt"
+    assert study_runs.train_run(spec, base, tokenizer, task, recipe, partial, stop_after=recipe.eval_every) is None
+    assert torch_load_step(partial) == recipe.eval_every
+    resumed = study_runs.train_run(spec, base, tokenizer, task, recipe, partial)
+    for key in ("eval_curve", "train_loss", "diagnostics", "test", "fallbacks", "diverged"):
+        assert resumed[key] == whole[key], key
+    assert whole["diagnostics"] and len(whole["train_loss"]) == 8
+
+    # A saved state of another run is not picked up.
+    other = study_runs.RunSpec("lm", "lora", 1e-2, seed=0, steps=8, refactor_warmup=0.25)
+    assert study_runs.load_partial(partial, other) is None
+
+
+def torch_load_step(path: Path) -> int:
+    import torch
+
+    return torch.load(path, weights_only=True)["step"]
