@@ -15,7 +15,8 @@ from .schedule import lr_lambda
 def load_data(cfg: RunConfig, log) -> dict:
     """Tokenizer, tokenized data (once per node, then from the cache), accuracy rows and the step count."""
     source = dist.local_rank_zero_first(lambda: models.resolve_base(cfg))
-    tokenizer = models.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(source, trust_remote_code=cfg.trust_remote_code,
+                                       chat_template=cfg.chat_template)
     train_set, eval_set, stats = dist.local_rank_zero_first(lambda: data.tokenize_datasets(cfg, tokenizer))
     log(data.describe_data(stats, train_set, eval_set))
     rows = evaluate.accuracy_rows(cfg, eval_set)

@@ -169,8 +169,7 @@ def preprocess(
     Prompt tokens, which the loss skips, are printed inside ⟦ ⟧.
     """
     from .config import ConfigError
-    from .data import DataError, render_sample
-    from .data import tokenize_datasets
+    from .data import DataError, describe_data, render_sample, tokenize_datasets
     from .metrics import quiet_libraries
     from .models import load_tokenizer, resolve_base
 
@@ -178,16 +177,13 @@ def preprocess(
     flags = dict(base_model=base_model, data_path=data_path, eval_data_path=eval_data_path, cutoff_len=cutoff_len)
     try:
         cfg = _load(config, flags, sets)
-        tokenizer = load_tokenizer(resolve_base(cfg), trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(resolve_base(cfg), trust_remote_code=cfg.trust_remote_code,
+                                   chat_template=cfg.chat_template)
         train_set, eval_set, stats = tokenize_datasets(cfg, tokenizer)
     except (ConfigError, DataError, FileNotFoundError) as err:
         _fail(err)
-    s = stats["train"]
     typer.echo(f"cache: {stats['cache']}")
-    typer.echo(f"train: {len(train_set)} samples from {s['source']} ({s['truncated']} truncated to {cfg.cutoff_len} "
-               f"tokens, {s['dropped_no_target']} without target dropped, {s['skipped_malformed']} malformed skipped)")
-    if eval_set is not None:
-        typer.echo(f"eval: {len(eval_set)} samples")
+    typer.echo(describe_data(stats, train_set, eval_set))
     if not 0 <= show < len(train_set):
         _fail(ValueError(f"--show {show} is outside 0..{len(train_set) - 1}"))
     typer.echo(f"\nsample {show}: " + render_sample(train_set[show], tokenizer))

@@ -59,6 +59,34 @@ def _f(default: Any = ..., help: str = "", **constraints) -> Any:
 
 
 MethodName = Literal[METHODS]
+DataFormat = Literal["auto", "llm_adapters", "alpaca", "chat_template", "hf_disk"]
+
+
+class DatasetSpec(BaseModel):
+    """One source of a run's training mixture (the keys axolotl users know, where they fit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = _f(..., help="A JSON/JSONL/Parquet/CSV/Arrow file, a folder of them, a save_to_disk folder, "
+                             "or a hub dataset id.")
+    type: DataFormat = _f("auto", "Row format: llm_adapters, alpaca, chat_template (OpenAI messages or "
+                                  "ShareGPT conversations), or auto.")
+    split: str = _f("train", "The split to read, where the source has several.")
+    weight: float | None = _f(None, "Rows taken, as a multiple of the source's (0.5: a random half; 2: every "
+                                    "row twice).", gt=0)
+    max_rows: int | None = _f(None, "At most this many rows of the source (a random choice).", ge=1)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type_alias(cls, value: Any) -> Any:
+        # axolotl's older names for conversation data
+        return "chat_template" if value in ("sharegpt", "messages", "chat", "conversation") else value
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DatasetSpec:
+        if self.weight is not None and self.max_rows is not None:
+            raise ValueError(f"{self.path}: set weight or max_rows, not both")
+        return self
 
 
 class RunConfig(BaseModel):
@@ -83,7 +111,15 @@ class RunConfig(BaseModel):
     # --- data -------------------------------------------------------------
     data_path: str | None = _f(None, "Training data: LLM-Adapters/Alpaca JSON(L) or a datasets folder "
                                      "(default: the embedded ARC-Easy train split).")
-    data_format: Literal["auto", "llm_adapters", "alpaca", "hf_disk"] = _f("auto", "Format of data_path.")
+    data_format: DataFormat = _f("auto", "Format of data_path: llm_adapters, alpaca, chat_template "
+                                         "(conversations), or auto.")
+    datasets: list[DatasetSpec] | None = _f(None, "A training mixture: a list of {path, type, split, weight | "
+                                                  "max_rows} (instead of data_path).")
+    chat_template: str | None = _f(None, "Chat template for conversation data, a Jinja string or a .jinja file "
+                                         "(default: the tokenizer's own).")
+    sample_packing: bool = _f(False, "Pack training samples into cutoff_len sequences (attention stays within "
+                                     "each sample).")
+    group_by_length: bool = _f(False, "Batch training samples of similar length together (less padding).")
     eval_data_path: str | None = _f(None, "Evaluation data (else val_set_size rows are held out).")
     val_set_size: int = _f(0, "Rows held out of the training data for evaluation.", ge=0)
     skip_malformed_rows: bool = _f(False, "Skip (and count) malformed rows instead of stopping.")
@@ -201,6 +237,14 @@ class RunConfig(BaseModel):
     def _check_combinations(self) -> RunConfig:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set; choose one")
+        if self.datasets is not None and self.data_path is not None:
+            raise ValueError("datasets and data_path are both set; data_path is the one-dataset shorthand: "
+                             "list it under datasets instead")
+        if self.datasets is not None and not self.datasets:
+            raise ValueError("datasets: the list is empty; name at least one {path: ...}")
+        if self.sample_packing and self.group_by_length:
+            raise ValueError("sample_packing and group_by_length are both set; packing already removes the "
+                             "padding that grouping reduces: choose one")
         has_eval_set = self.eval_data_path is not None or self.val_set_size > 0
         if self.eval_accuracy and not has_eval_set:
             raise ValueError("eval_accuracy: there is no evaluation set; set eval_data_path or val_set_size")
@@ -253,11 +297,26 @@ def _looks_like_path(value: str) -> bool:
 
 def check_files(cfg: RunConfig, *, data: bool = True) -> None:
     """The files a configuration names exist (the model's; with ``data`` the data's too)."""
-    fields = ("data_path", "eval_data_path") if data else ()
-    for field in fields:
-        value = getattr(cfg, field)
-        if value is not None and not Path(value).expanduser().exists():
+    from .sources import hub_offline, looks_like_path
+
+    named = [("data_path", cfg.data_path), ("eval_data_path", cfg.eval_data_path)]
+    named += [(f"datasets[{i}].path", spec.path) for i, spec in enumerate(cfg.datasets or [])]
+    for field, value in named if data else ():
+        if value is None or Path(value).expanduser().exists():
+            continue
+        if looks_like_path(value):
             raise ConfigError(f"{field}: no such file or directory: {value}")
+        if hub_offline():
+            raise ConfigError(f"{field}: {value} is not a file or folder on this machine, and the hub is offline "
+                              "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give a local path")
+    if data and cfg.chat_template is not None:
+        from .chat import resolve_chat_template
+        from .data import DataError
+
+        try:
+            resolve_chat_template(cfg.chat_template)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
     if cfg.gguf_file is not None:
         if resolve_gguf(cfg) is None:
             raise ConfigError(f"gguf_file: no such file: {cfg.gguf_file} (base_model: {cfg.base_model})")

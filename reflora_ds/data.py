@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from . import atomic
+from .sources import Unparsable
 from .config import RESOURCES, cache_dir
 
 IGNORE_INDEX = -100  # label value the loss skips (torch / transformers convention)
@@ -82,97 +83,104 @@ def build_prompt(instruction: str, input: str = "", template: str = "alpaca") ->
     return get_template(template).render(instruction, input)
 
 
+def row_prompt(row: dict, template: str = "alpaca") -> str:
+    """A row's prompt: rendered already (a chat row prepared for evaluation), or built with the template."""
+    if row.get("prompt") is not None:
+        return row["prompt"]
+    return build_prompt(row["instruction"], row.get("input", ""), template)
+
+
 # --- reading rows -------------------------------------------------------------
 
-FORMATS = ("llm_adapters", "alpaca", "hf_disk")
+# Row schemas. "hf_disk" (a save_to_disk folder) is still accepted as a data_format: the schema is then detected.
+FORMATS = ("llm_adapters", "alpaca", "chat_template")
 _REQUIRED = {"llm_adapters": ("instruction", "input", "output", "answer"), "alpaca": ("instruction", "output")}
 _OPTIONAL = {"llm_adapters": (), "alpaca": ("input", "answer")}
 
 
 @dataclass
 class Rows:
-    """Rows normalised to instruction/input/output/answer, plus what was skipped."""
+    """Rows normalised to instruction/input/output/answer (chat: messages/answer), plus what was skipped."""
 
-    rows: list[dict[str, str]]
-    source: Path
+    rows: list[dict]
+    source: Path | str
     format: str
     skipped: int = 0
     skipped_rows: list[int] = field(default_factory=list)
 
-
-def _read_raw(path: Path) -> list[Any]:
-    """JSON list or JSONL lines; an unparsable JSONL line is kept as an error marker."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON list of rows or JSONL, found a single JSON object")
-    rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(_Unparsable(str(err)))
-    if rows and all(isinstance(row, _Unparsable) for row in rows):
-        raise DataError(f"{path}: neither a JSON list nor JSON lines ({rows[0].reason})")
-    return rows
+    @property
+    def chat(self) -> bool:
+        return self.format == "chat_template"
 
 
-@dataclass
-class _Unparsable:
-    reason: str
+def _schema_of(raw: list[Any]) -> str:
+    """chat_template for conversations; llm_adapters when rows carry an `answer`; otherwise alpaca."""
+    from .chat import conversation_field
 
-
-def detect_format(path: str | Path) -> str:
-    """hf_disk for a folder; llm_adapters when rows carry an `answer`; otherwise alpaca."""
-    path = Path(path)
-    if path.is_dir():
-        return "hf_disk"
-    raw = _read_raw(path)
     first = next((row for row in raw if isinstance(row, dict)), {})
+    if conversation_field(first) is not None:
+        return "chat_template"
     return "llm_adapters" if "answer" in first else "alpaca"
 
 
+def detect_format(path: str | Path) -> str:
+    """The row schema of a source (read once to look)."""
+    return _schema_of(_raw_rows(path, "train"))
+
+
+def _raw_rows(path: str | Path, split: str) -> list[Any]:
+    from .sources import SourceError, read_raw
+
+    try:
+        return read_raw(path, split)
+    except SourceError as err:
+        raise DataError(str(err)) from None
+
+
 def _row_problem(row: Any, schema: str) -> str | None:
-    if isinstance(row, _Unparsable):
+    if isinstance(row, Unparsable):
         return f"not valid JSON ({row.reason})"
     if not isinstance(row, dict):
         return f"expected an object, found {type(row).__name__}"
+    if schema == "chat_template":
+        from .chat import conversation_field, normalise_conversation
+
+        key = conversation_field(row)
+        if key is None:
+            return "no 'messages' (OpenAI) or 'conversations' (ShareGPT) key"
+        try:
+            normalise_conversation(row[key])
+        except ValueError as err:
+            return f"{key}: {err}"
+        return None
     for key in _REQUIRED[schema]:
         if key not in row:
             return f"missing key {key!r}"
     for key in _REQUIRED[schema] + _OPTIONAL[schema]:
-        if key in row and not isinstance(row[key], str):
+        if key in row and row[key] is not None and not isinstance(row[key], str):
             return f"key {key!r} is {type(row[key]).__name__}, expected a string"
     return None
 
 
-def read_rows(path: str | Path | None = None, data_format: str = "auto", *, skip_malformed: bool = False) -> Rows:
-    """Read and check every row; a malformed one raises DataError unless skipped (and counted)."""
-    path = Path(path) if path is not None else EMBEDDED_TRAIN
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    fmt = detect_format(path) if data_format == "auto" else data_format
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+def _normalised(row: dict, schema: str) -> dict:
+    if schema == "chat_template":
+        from .chat import conversation_field, normalise_conversation
 
-    if fmt == "hf_disk":
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if "train" not in loaded:
-                raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(loaded)})")
-            loaded = loaded["train"]
-        raw = loaded.to_list()
-        schema = "llm_adapters" if "answer" in loaded.column_names else "alpaca"
-    else:
-        raw = _read_raw(path)
-        schema = fmt
+        return {"messages": normalise_conversation(row[conversation_field(row)]), "answer": row.get("answer") or ""}
+    return {key: row.get(key) or "" for key in ("instruction", "input", "output", "answer")}
+
+
+def read_rows(path: str | Path | None = None, data_format: str = "auto", *, skip_malformed: bool = False,
+              split: str = "train") -> Rows:
+    """Read and check every row; a malformed one raises DataError unless skipped (and counted).
+
+    ``path``: a file, a folder or a hub dataset id (sources.py); None: the embedded training set.
+    """
+    path = path if path is not None else EMBEDDED_TRAIN
+    if data_format not in ("auto", "hf_disk") + FORMATS:
+        raise DataError(f"unknown data format {data_format!r}; known: auto, {', '.join(FORMATS)}")
+    raw = _raw_rows(path, split)
+    schema = _schema_of(raw) if data_format in ("auto", "hf_disk") else data_format
 
     rows, skipped = [], []
     for index, row in enumerate(raw):
@@ -182,10 +190,10 @@ def read_rows(path: str | Path | None = None, data_format: str = "auto", *, skip
                 raise DataError(f"{path}: row {index}: {problem} (set skip_malformed_rows to skip such rows)")
             skipped.append(index)
             continue
-        rows.append({key: row.get(key, "") for key in ("instruction", "input", "output", "answer")})
+        rows.append(_normalised(row, schema))
     if not rows:
         raise DataError(f"{path}: no usable rows ({len(skipped)} malformed)")
-    return Rows(rows=rows, source=path, format=fmt, skipped=len(skipped), skipped_rows=skipped)
+    return Rows(rows=rows, source=path, format=schema, skipped=len(skipped), skipped_rows=skipped)
 
 
 # --- tokenization ---------------------------------------------------------------
@@ -219,8 +227,8 @@ def tokenize_rows(
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token")
-    tmpl = get_template(template)
-    prompts = [tmpl.render(row["instruction"], row["input"]) for row in rows]
+    get_template(template)
+    prompts = [row_prompt(row, template) for row in rows]
     texts = [prompt + row["output"] for prompt, row in zip(prompts, rows)]
     encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
     out: dict[str, list] = {"input_ids": [], "labels": [], "source_row": []}
@@ -294,37 +302,45 @@ def preprocess(
     cutoff_len: int = 256,
     skip_malformed: bool = False,
     cache_root: str | Path | None = None,
+    split: str = "train",
 ) -> TokenizedData:
-    """Tokenize a data file once and keep the result; later calls load it from disk.
+    """Tokenize a source once and keep the result; later calls load it from disk.
 
-    The cache key covers everything the ids depend on: the data, the tokenizer,
-    the template, cutoff_len and this module's CACHE_VERSION. Writing goes to a
-    private folder renamed into place, so concurrent ranks never see half a cache.
+    The cache key covers everything the ids depend on: the data, the tokenizer
+    (and its chat template, for chat data), the template, cutoff_len and this
+    module's CACHE_VERSION. Writing goes to a private folder renamed into
+    place, so concurrent ranks never see half a cache. A hub dataset is read
+    (from the hub's own cache) to be fingerprinted.
     """
-    path = Path(data_path) if data_path is not None else EMBEDDED_TRAIN
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    fmt = detect_format(path) if data_format == "auto" else data_format
+    path = Path(data_path).expanduser() if data_path is not None else EMBEDDED_TRAIN
+    local = path.exists()
+    rows = None if local else read_rows(str(data_path), data_format, skip_malformed=skip_malformed, split=split)
+    fmt = rows.format if rows is not None else (data_format if data_format in FORMATS else detect_format(path))
     key_parts = {
         "version": CACHE_VERSION,
-        "source": _source_fingerprint(path),
+        "source": _source_fingerprint(path) if local else _rows_fingerprint(rows.rows),
+        "split": split,
         "format": fmt,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": asdict(get_template(template)),
         "cutoff_len": cutoff_len,
         "skip_malformed": skip_malformed,
     }
+    if fmt == "chat_template":
+        key_parts["chat_template"] = getattr(tokenizer, "chat_template", None)
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_root) if cache_root is not None else cache_dir() / "tokenized"
-    target = root / f"{path.stem}-{key}"
+    target = root / f"{path.stem or 'data'}-{key}"
     meta_file = target / "reflora_meta.json"
 
     if meta_file.is_file():
         return TokenizedData(load_from_disk(str(target)), target, True, json.loads(meta_file.read_text()))
 
-    rows = read_rows(path, fmt, skip_malformed=skip_malformed)
-    columns, stats = tokenize_rows(rows.rows, tokenizer, template=template, cutoff_len=cutoff_len)
-    stats.update(source=str(path), format=fmt, skipped_malformed=rows.skipped, samples=len(columns["input_ids"]))
+    if rows is None:
+        rows = read_rows(path, fmt, skip_malformed=skip_malformed, split=split)
+    columns, stats = tokenize_source(rows, tokenizer, template=template, cutoff_len=cutoff_len)
+    stats.update(source=str(data_path if data_path is not None else path), format=fmt,
+                 skipped_malformed=rows.skipped, samples=len(columns["input_ids"]))
     dataset = Dataset.from_dict(columns)
 
     # Concurrent ranks may tokenize at once: the first to finish puts its (identical) result in place.
@@ -332,6 +348,19 @@ def preprocess(
         dataset.save_to_disk(str(tmp))
         (tmp / "reflora_meta.json").write_text(json.dumps(stats, indent=2))
     return TokenizedData(load_from_disk(str(target)), target, False, stats)
+
+
+def tokenize_source(rows: Rows, tokenizer, *, template: str, cutoff_len: int) -> tuple[dict[str, list], dict]:
+    """Instruction rows with the prompt template, conversations with the chat template."""
+    if rows.chat:
+        from .chat import tokenize_conversations
+
+        return tokenize_conversations([row["messages"] for row in rows.rows], tokenizer, cutoff_len=cutoff_len)
+    return tokenize_rows(rows.rows, tokenizer, template=template, cutoff_len=cutoff_len)
+
+
+def _rows_fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 # --- ordering, splitting, sharding --------------------------------------------
@@ -377,7 +406,11 @@ def shard_for_rank(dataset: Dataset, rank: int, world_size: int, *, even: bool =
 
 @dataclass
 class PadCollator:
-    """Right-pads input_ids with pad_token_id, labels with IGNORE_INDEX, and builds the mask."""
+    """Right-pads input_ids with pad_token_id, labels with IGNORE_INDEX, and builds the mask.
+
+    Packed samples (with position_ids) get their padding as one more sample of
+    positions 0, 1, ..., which attends only to itself and has no labels.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -389,12 +422,20 @@ class PadCollator:
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        packed = "position_ids" in samples[0]
+        positions = torch.zeros((len(samples), width), dtype=torch.long) if packed else None
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
             input_ids[row, :n] = torch.as_tensor(sample["input_ids"])
             labels[row, :n] = torch.as_tensor(sample["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if packed:
+                positions[row, :n] = torch.as_tensor(sample["position_ids"])
+                positions[row, n:] = torch.arange(width - n)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            batch["position_ids"] = positions
+        return batch
 
 
 def schedule_length(n_train: int, micro_batch_size: int, accumulation: int, world: int, max_steps: int,
@@ -411,16 +452,25 @@ def schedule_length(n_train: int, micro_batch_size: int, accumulation: int, worl
     return steps_per_epoch, total
 
 
-def epoch_shard(dataset: Dataset, seed: int, epoch: int, rank: int, world: int) -> Dataset:
+def epoch_shard(dataset: Dataset, seed: int, epoch: int, rank: int, world: int,
+                group_by_length: int | None = None) -> Dataset:
     """This rank's rows of epoch ``epoch``, in order.
 
     Epoch e visits the training set in the order ``shuffle(seed + e)``; rank r
     takes rows r, r + W, ... of it, and optimizer step s consumes the
     contiguous block s of ``micro_batch_size × accumulation × W`` rows (see
     step_batches). Rows that do not fill a last global batch are left out of
-    that epoch.
+    that epoch. ``group_by_length`` (the global batch size): that order
+    regrouped into batches of similar length (packing.length_grouped_order).
     """
-    return shard_for_rank(shuffle(dataset, seed + epoch), rank, world)
+    if not group_by_length:
+        return shard_for_rank(shuffle(dataset, seed + epoch), rank, world)
+    from .packing import length_grouped_order
+
+    order = np.random.default_rng(seed + epoch).permutation(len(dataset))  # what shuffle() draws
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    grouped = length_grouped_order(lengths, order, group_by_length, seed + epoch)
+    return shard_for_rank(dataset.select(grouped, keep_in_memory=True), rank, world)
 
 
 def step_batches(shard: Dataset, step_in_epoch: int, micro_batch_size: int, accumulation: int,
@@ -428,8 +478,17 @@ def step_batches(shard: Dataset, step_in_epoch: int, micro_batch_size: int, accu
     """This rank's micro-batches for optimizer step ``step_in_epoch`` of the epoch (contiguous rows)."""
     first = step_in_epoch * accumulation * micro_batch_size
     columns = shard[first:first + accumulation * micro_batch_size]
-    rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(columns["input_ids"], columns["labels"])]
+    keys = [k for k in ("input_ids", "labels", "position_ids") if k in columns]
+    rows = [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]
     return [collate(rows[j * micro_batch_size:(j + 1) * micro_batch_size]) for j in range(accumulation)]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is called with: a packed batch goes without its attention mask, so that transformers
+    builds the per-sample mask from position_ids (see packing.py)."""
+    if "position_ids" in batch:
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
 
 
 def target_count(labels: torch.Tensor) -> int:
@@ -440,31 +499,102 @@ def target_count(labels: torch.Tensor) -> int:
 # --- a run's data -------------------------------------------------------------------
 
 
+def data_sources(cfg) -> list:
+    """The run's training sources: ``datasets``, or the one named by data_path (None: the embedded set)."""
+    from .config import DatasetSpec
+
+    if cfg.datasets is not None:
+        return list(cfg.datasets)
+    return [DatasetSpec(path=str(cfg.data_path) if cfg.data_path is not None else str(EMBEDDED_TRAIN),
+                        type=cfg.data_format)]
+
+
+def source_rows(cfg) -> list[dict]:
+    """The training sources' rows end to end: what a sample's source_row points into."""
+    return [row for spec in data_sources(cfg)
+            for row in read_rows(spec.path, spec.type, skip_malformed=cfg.skip_malformed_rows, split=spec.split).rows]
+
+
+def take_rows(dataset: Dataset, weight: float | None, max_rows: int | None, seed: int) -> Dataset:
+    """A source's share of the mixture: ``weight`` × its samples (whole repeats, then a random part), or at most
+    ``max_rows`` of them, chosen at random; the same choice for the same seed."""
+    n = len(dataset)
+    if weight is None and (max_rows is None or max_rows >= n):
+        return dataset
+    rng = np.random.default_rng(seed)
+    if weight is None:
+        picked = np.sort(rng.permutation(n)[:max_rows])
+    else:
+        whole, part = divmod(round(weight * n), n)
+        picked = np.concatenate([np.tile(np.arange(n), whole), np.sort(rng.permutation(n)[:part])])
+    return dataset.select(picked, keep_in_memory=True)
+
+
+def _add_stats(total: dict, part: dict) -> None:
+    for key in ("rows", "truncated", "dropped_no_target", "skipped_malformed", "samples"):
+        total[key] = total.get(key, 0) + part.get(key, 0)
+
+
 def tokenize_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
     """(train, eval or None, stats) of a run configuration: tokenized (cached), and its evaluation set.
 
-    The evaluation set is eval_data_path if given, else val_set_size rows held
-    out of the training data, else none.
+    Every source is tokenized (and cached) on its own, in its own format, and
+    then takes its share of the mixture (weight / max_rows); source_row counts
+    rows across the sources end to end (see source_rows). The evaluation set is
+    eval_data_path if given, else val_set_size samples held out of the mixture,
+    else none. With sample_packing the training samples are then packed.
     """
     options = dict(template=cfg.prompt_template, cutoff_len=cfg.cutoff_len, skip_malformed=cfg.skip_malformed_rows)
-    train_data = preprocess(cfg.data_path, tokenizer, data_format=cfg.data_format, **options)
-    train_set, eval_set = train_data.dataset, None
+    parts, composition, offset = [], [], 0
+    stats: dict = {"train": {}, "sources": composition}
+    for index, spec in enumerate(data_sources(cfg)):
+        tokenized = preprocess(spec.path, tokenizer, data_format=spec.type, split=spec.split, **options)
+        taken = take_rows(tokenized.dataset, spec.weight, spec.max_rows, cfg.seed + index)
+        rows = tokenized.stats["rows"] - tokenized.stats.get("skipped_malformed", 0)
+        if offset:
+            base = offset
+            taken = taken.map(lambda sample: {"source_row": sample["source_row"] + base}, keep_in_memory=True)
+        offset += rows
+        parts.append(taken)
+        _add_stats(stats["train"], tokenized.stats)
+        composition.append({"source": str(spec.path), "format": tokenized.stats["format"], "rows": rows,
+                            "samples": len(taken), "tokens": sum(len(ids) for ids in taken["input_ids"]),
+                            "cache": str(tokenized.path)})
+    stats["train"]["source"] = " + ".join(c["source"] for c in composition)
+    train_set = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     # The cache folders' names carry the key of everything the samples depend on: the run's data identity.
-    stats = {"train": train_data.stats, "cache": str(train_data.path), "fingerprint": train_data.path.name}
+    stats["cache"] = composition[0]["cache"] if len(composition) == 1 else [c["cache"] for c in composition]
+    stats["fingerprint"] = " + ".join(Path(c["cache"]).name for c in composition)
+    eval_set = None
     if cfg.eval_data_path is not None:
         eval_data = preprocess(cfg.eval_data_path, tokenizer, **options)
         eval_set, stats["eval"] = eval_data.dataset, eval_data.stats
-        stats["fingerprint"] += f" + {eval_data.path.name}"
+        stats["fingerprint"] += f" | eval {eval_data.path.name}"
     elif cfg.val_set_size:
         train_set, eval_set = split_validation(train_set, cfg.val_set_size, cfg.seed)
+    if cfg.sample_packing:
+        from .packing import pack_dataset
+
+        samples = len(train_set)
+        train_set = pack_dataset(train_set, cfg.cutoff_len)
+        stats["packing"] = {"samples": samples, "sequences": len(train_set), "capacity": cfg.cutoff_len,
+                            "fill": round(sum(len(x) for x in train_set["input_ids"])
+                                          / (len(train_set) * cfg.cutoff_len), 4)}
     return train_set, eval_set, stats
 
 
 def describe_data(stats: dict, train_set: Dataset, eval_set: Dataset | None) -> str:
     s = stats["train"]
-    text = (f"data: {len(train_set)} training samples from {s['source']} "
+    samples = stats["packing"]["samples"] if "packing" in stats else len(train_set)
+    text = (f"data: {samples} training samples from {s['source']} "
             f"({s['truncated']} truncated, {s['dropped_no_target']} without target dropped, "
             f"{s['skipped_malformed']} malformed skipped)")
+    if len(stats["sources"]) > 1:
+        text += "; mixture: " + ", ".join(f"{c['source']} ({c['format']}): {c['samples']} samples of {c['rows']} "
+                                          f"rows, {c['tokens']} tokens" for c in stats["sources"])
+    if "packing" in stats:
+        p = stats["packing"]
+        text += f"; packed into {p['sequences']} sequences of up to {p['capacity']} tokens ({p['fill']:.0%} full)"
     return text + (f"; {len(eval_set)} evaluation samples" if eval_set is not None else "; no evaluation set")
 
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from . import dist
-from .data import IGNORE_INDEX, PadCollator, build_prompt, read_rows, tokenize_rows
+from .data import IGNORE_INDEX, PadCollator, read_rows, row_prompt, tokenize_rows
 
 MODES = ("generate", "likelihood")
 
@@ -155,7 +155,7 @@ def make_question(index: int, row: dict, template: str = "alpaca") -> Question:
         response = "the correct answer is {label}"
     return Question(
         index=index,
-        prompt=build_prompt(row["instruction"], row.get("input", ""), template),
+        prompt=row_prompt(row, template),
         instruction=row["instruction"],
         input=row.get("input", ""),
         answer=gold,
@@ -352,7 +352,8 @@ def option_samples(questions: Sequence[Question], tokenizer, template: str, eos:
     rows, owners = [], []
     for q in questions:
         for label in q.labels:
-            rows.append({"instruction": q.instruction, "input": q.input, "output": q.response(label), "answer": label})
+            rows.append({"prompt": q.prompt, "instruction": q.instruction, "input": q.input, "output": q.response(label),
+                         "answer": label})
             owners.append((q.index, label))
     if not rows:
         return []
@@ -494,7 +495,7 @@ def score_loss(
     samples = sorted(samples_of(rows), key=lambda x: len(x["input_ids"]))  # less padding; sums ignore order
     # What a rank with fewer batches runs under ZeRO-3 (its loss is thrown away): any tokens will do.
     filler = dummy or rows[0]
-    ids = tokenizer(build_prompt(filler["instruction"], filler.get("input", ""), template))["input_ids"][:cutoff_len]
+    ids = tokenizer(row_prompt(filler, template))["input_ids"][:cutoff_len]
     return sample_loss(model, samples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
                        dummy={"input_ids": ids, "labels": ids}, on_batch=on_batch)
 
@@ -577,6 +578,10 @@ def evaluate(
         raise EvalError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
     name, rows = _rows_of(data)
     rows = rows[:limit] if limit is not None else rows
+    if any("messages" in row for row in rows):  # conversations: prompt = up to the last assistant turn
+        from .chat import evaluation_row
+
+        rows = [evaluation_row(tokenizer, row) if "messages" in row else row for row in rows]
     if not rows:
         raise EvalError(f"{task or name}: no rows to evaluate")
     result = EvalResult(task=task or name, rows=len(rows))
@@ -654,9 +659,11 @@ def accuracy_rows(cfg, eval_set) -> list[dict] | None:
 
     if eval_set is None or cfg.eval_accuracy is False:
         return None
+    from .data import source_rows
+
     own_file = cfg.eval_data_path is not None
     source = cfg.eval_data_path if own_file else cfg.data_path
-    rows = read_rows(source, "auto" if own_file else cfg.data_format, skip_malformed=cfg.skip_malformed_rows).rows
+    rows = (read_rows(source, skip_malformed=cfg.skip_malformed_rows).rows if own_file else source_rows(cfg))
     picked = [(i, rows[i]) for i in eval_set["source_row"]][:cfg.eval_accuracy_limit]
     for index, row in picked:
         problem = _label_problem(row)

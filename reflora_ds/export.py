@@ -452,7 +452,9 @@ def merge(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    tokenizer = load_tokenizer(source, trust_remote_code=isinstance(base, RunConfig) and base.trust_remote_code)
+    run_cfg = base if isinstance(base, RunConfig) else None
+    tokenizer = load_tokenizer(source, trust_remote_code=bool(run_cfg and run_cfg.trust_remote_code),
+                               chat_template=run_cfg.chat_template if run_cfg else None)
     tokenizer.save_pretrained(out_dir)
     note = {"base": source, "adapter": str(adapter_dir.resolve()), "dtype": str(save_dtype).removeprefix("torch."),
             "max_shard_size": max_shard_size, **note}

@@ -108,8 +108,10 @@ def resolve_base(cfg: RunConfig) -> str:
 # --- tokenizer and model ----------------------------------------------------------
 
 
-def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """A tokenizer that pads on the right and always has a pad token."""
+def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    """A tokenizer that pads on the right and always has a pad token; ``chat_template`` (inline or a file)
+    replaces its own."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
@@ -125,6 +127,10 @@ def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None, tr
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if chat_template is not None:
+        from .chat import use_chat_template
+
+        use_chat_template(tokenizer, chat_template)
     return tokenizer
 
 
@@ -157,7 +163,7 @@ def load_base_model(cfg: RunConfig, device: str | torch.device | None = None) ->
     quantizes as it places.
     """
     source = resolve_base(cfg)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
     kwargs: dict = {"dtype": DTYPES[cfg.torch_dtype], "use_safetensors": True}
     if cfg.trust_remote_code:
         kwargs["trust_remote_code"] = True

@@ -18,8 +18,7 @@ accumulation steps, all ranks). The gradient is then that of the global batch's
 token-mean loss however the batch is split, so one rank with accumulation 4
 and four ranks without accumulation train the same model.
 
-Data order: data.epoch_shard and data.step_batches. Early stops: stops.py.
-
+Data order: data.epoch_shard and data.step_batches; packing: packing.py. Early stops: stops.py.
 Evaluation: before training, every eval_steps and at the end (evaluate.py);
 with metric_for_best_model each one saves a checkpoint, the best kept (best.py).
 """
@@ -171,7 +170,8 @@ def loop(run: Run, guard) -> str:
             if state.step_in_epoch >= run.steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if shard_epoch != state.epoch:
-                shard, shard_epoch = data.epoch_shard(run.train_set, cfg.seed, state.epoch, rank, world), state.epoch
+                group = state.global_batch_size if cfg.group_by_length else None
+                shard, shard_epoch = data.epoch_shard(run.train_set, cfg.seed, state.epoch, rank, world, group), state.epoch
             batches = data.step_batches(shard, state.step_in_epoch, cfg.micro_batch_size,
                                         cfg.gradient_accumulation_steps, collate)
             # One small all-reduce per step: the global target-token count, and
@@ -213,7 +213,7 @@ def optimizer_step(run: Run, batches: list[dict], n_targets: float, ddp_scale: i
     loss_sum, tokens, skipped = 0.0, 0, False
     for batch in batches:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch, num_items_in_batch=n_targets).loss  # token-loss sum / n_targets
+        loss = engine(**data.model_inputs(batch), num_items_in_batch=n_targets).loss  # token-loss sum / n_targets
         (bad,) = dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0], engine.device)
         if bad and run.skipped_steps >= cfg.skip_nonfinite_steps:
             raise stops.Diverged(run.state.global_step + 1, f"the training loss is {loss.item()} on a micro-batch",

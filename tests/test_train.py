@@ -79,7 +79,7 @@ def test_preprocess_caches_and_shows_masked_prompt(env):
     assert re.search(r"\n⟦<s>Below is an instruction.*### Response:\n⟧the correct answer is answer\d( indeed)*</s>\n",
                      first.output, re.S), first.output
     assert "Saving the dataset" not in first.output  # one quiet line per fact
-    assert "train: 34 samples" in first.output and "eval: 6 samples" in first.output
+    assert "data: 34 training samples" in first.output and "6 evaluation samples" in first.output
     second = run_cli(["preprocess", path])
     cache_line = lambda out: next(line for line in out.splitlines() if line.startswith("cache:"))  # noqa: E731
     assert cache_line(first.output) == cache_line(second.output)
