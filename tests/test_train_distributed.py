@@ -83,3 +83,39 @@ def test_two_ranks_match_their_one_rank_twin(runs):
     assert a.keys() == b.keys() and any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+PACKED = dict(deepspeed="zero3", sample_packing=True, cutoff_len=256, lora_dropout=0.0, max_steps=2, save_steps=0,
+              eval_steps=1, val_set_size=5)
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory):
+    """Packed sequences under ZeRO-3 at 2 ranks, and their 1-rank twin."""
+    root = tmp_path_factory.mktemp("packed")
+    base, data, cache = make_base(root / "base"), write_rows(root / "train.json", make_rows(40)), root / "cache"
+    two = write_config(root / "two.yaml", **base_values(base, data, root / "two", micro_batch_size=1, **PACKED))
+    one = write_config(root / "one.yaml", **base_values(base, data, root / "one", micro_batch_size=2, **PACKED))
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", str(WORLD), "--master_port", str(free_port()),
+           "--module", "reflora_ds", "train", str(two)]
+    proc = subprocess.run(cmd, env=subprocess_env(cache), capture_output=True, text=True, timeout=300)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFLORA_DS_CACHE", str(cache))
+    twin = run_cli(["train", one])
+    mp.undo()
+    return {"launch": proc, "two": root / "two", "twin": twin, "one": root / "one"}
+
+
+def test_packed_zero3_two_ranks_match_their_one_rank_twin(packed_runs):
+    """The global target-token count (and so the loss's normalisation) is exact with packed sequences."""
+    assert packed_runs["launch"].returncode == 0, packed_runs["launch"].stderr[-4000:]
+    assert packed_runs["twin"].exit_code == 0, packed_runs["twin"].output
+    assert "packed into" in packed_runs["twin"].output
+    two, one = metrics(packed_runs["two"]), metrics(packed_runs["one"])
+    for key in ("loss", "eval_loss"):
+        curve = lambda records: [r[key] for r in records if key in r]  # noqa: E731
+        assert len(curve(one)) >= 2 and curve(two) == pytest.approx(curve(one), rel=1e-5), key
+    a, b = adapter_tensors(packed_runs["two"]), adapter_tensors(packed_runs["one"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
