@@ -17,6 +17,15 @@ log with ``logging_steps: 1``; a callback between ``on_step_begin`` and
 ``on_step_end`` for the HF Trainer), first steps dropped.  Rounds run the
 three in a rotating order; the per-round ratio to the HF Trainer is the
 measurement.
+
+A second part, ``mix``, trains on real variable-length data, the commonsense
+training mix (ARC-Easy, ARC-Challenge, BoolQ, OpenBookQA, shuffled), at
+cutoff 256: ``reflora-ds train`` with ``sample_packing`` (micro-batches of
+packed sequences holding about as many samples as the HF Trainer's batch)
+against the HF Trainer with PEFT and its default dynamic padding. Both see
+the same samples once; the measure is target tokens (response tokens, the
+ones the loss is on) per second of training steps, and the evaluation loss
+on the same held-out rows afterwards.
 """
 
 from __future__ import annotations
@@ -97,8 +106,9 @@ def single_process_env():
         os.environ.update(saved)
 
 
-def hf_trainer_run(cfg, tokens_per_step: int) -> list[float]:
-    """Tokens/s of each optimizer step of the HF Trainer on the same model, data and batch."""
+def hf_trainer_run(cfg, tokens_per_step: int, return_model: bool = False):
+    """Tokens/s of each optimizer step of the HF Trainer on the same model, data and batch
+    (with ``return_model``: each step's seconds, and the trained model)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -134,6 +144,8 @@ def hf_trainer_run(cfg, tokens_per_step: int) -> list[float]:
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id),
                           callbacks=[clock])
         trainer.train()
+    if return_model:
+        return clock.seconds, model
     return [tokens_per_step / s for s in clock.seconds]
 
 
@@ -159,12 +171,102 @@ def run(out, quick: bool, argv: list[str] | None = None) -> dict:
 
             tiny_llama(Path(tmp) / "tiny", seed=0)
             base_model = str(Path(tmp) / "tiny")
+        mix = mix_part(quick, base_model, "float32")
         return suite(out, "peer", quick, base_model, shape, rounds=1 if quick else 3, dtype="float32",
-                     model_name="tiny random LLaMA" if quick else "SmolLM2-135M-Instruct (fp32)")
+                     model_name="tiny random LLaMA" if quick else "SmolLM2-135M-Instruct (fp32)", mix=mix)
+
+
+# --- the commonsense mix: packed reflora-ds train against the padded HF Trainer ----------------------------
+
+MIX_CUTOFF = 256
+MIX_BATCH = 8  # samples per optimizer step (the HF Trainer's batch; packed micro-batches hold about as many)
+
+
+def mix_rows(quick: bool, n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
+    """Training and held-out rows of the commonsense training mix (the embedded ARC-Easy rows in quick mode)."""
+    import numpy as np
+
+    from reflora_ds.data import EMBEDDED_TRAIN, read_rows
+
+    from .convergence import COMMONSENSE_DIR, COMMONSENSE_SETS
+
+    if quick or not COMMONSENSE_DIR.is_dir():
+        rows = read_rows(EMBEDDED_TRAIN).rows
+    else:
+        rows = [r for s in COMMONSENSE_SETS for r in read_rows(COMMONSENSE_DIR / s / "train.json").rows]
+    order = np.random.default_rng(0).permutation(len(rows))
+    return [rows[i] for i in order[n_eval:n_eval + n_train]], [rows[i] for i in order[:n_eval]]
+
+
+def mix_part(quick: bool, base_model: str | None, dtype: str) -> dict:
+    """Both contenders once over the same training rows; target tokens/s and the evaluation loss after."""
+    import torch
+
+    from reflora_ds import evaluate, models
+    from reflora_ds.data import preprocess
+    from reflora_ds.packing import pack_dataset
+
+    n_train, n_eval = (96, 8) if quick else (320, 64)
+    drop = 1 if quick else DROP_FIRST
+    train_rows, eval_rows = mix_rows(quick, n_train, n_eval)
+    out: dict = {"train_rows": n_train, "eval_rows": n_eval, "cutoff_len": MIX_CUTOFF, "batch_samples": MIX_BATCH}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "train.json").write_text(json.dumps(train_rows))
+        (tmp / "eval.json").write_text(json.dumps(eval_rows))
+        cfg = run_config(tmp, "reflora_ds lora", base_model, tmp / "train.json",
+                         dict(seq_len=MIX_CUTOFF, batch=MIX_BATCH, steps=n_train // MIX_BATCH), 0, dtype)
+        cfg = cfg.model_copy(update=dict(eval_data_path=str(tmp / "eval.json"), lr_scheduler="linear",
+                                         warmup_steps=2, learning_rate=5e-4))
+        tokenizer = models.load_tokenizer(models.resolve_base(cfg))
+        samples = preprocess(cfg.data_path, tokenizer, cutoff_len=MIX_CUTOFF).dataset
+        targets = [sum(label != -100 for label in labels[1:]) for labels in samples["labels"]]
+        packed = pack_dataset(samples, MIX_CUTOFF)
+        per_sequence = len(samples) / len(packed)
+        micro = max(1, round(MIX_BATCH / per_sequence))
+        out["packing"] = {"samples": len(samples), "sequences": len(packed), "samples_per_sequence": per_sequence,
+                          "micro_batch_sequences": micro}
+
+        # HF Trainer: batches of MIX_BATCH samples padded to their longest, every sample once.
+        hf_cfg = cfg.model_copy(update=dict(output_dir=str(tmp / "hf"), max_steps=len(samples) // MIX_BATCH))
+        clock, model = hf_trainer_run(hf_cfg, 1, return_model=True)
+        seconds = sum(clock[drop:])
+        seen = hf_cfg.max_steps * MIX_BATCH
+        eval_set = preprocess(cfg.eval_data_path, tokenizer, cutoff_len=MIX_CUTOFF).dataset
+        with torch.no_grad():
+            hf_eval = evaluate.dataset_loss(model, eval_set, batch_size=MIX_BATCH, pad_token_id=tokenizer.pad_token_id)
+        # Which samples the timed steps held is the sampler's business: their share of the targets is the mean's.
+        timed_share = (len(clock) - drop) / len(clock)
+        out["hf_trainer"] = {"steps": hf_cfg.max_steps, "samples_seen": seen, "seconds": seconds,
+                             "target_tokens_per_s": sum(targets[:seen]) * timed_share / seconds,
+                             "eval_loss": hf_eval}
+        del model
+
+        # reflora-ds train with packing, one epoch.
+        ours = cfg.model_copy(update=dict(output_dir=str(tmp / "ours"), sample_packing=True, micro_batch_size=micro,
+                                          max_steps=len(packed) // micro))
+        from reflora_ds.metrics import METRICS_FILE
+        from reflora_ds.train import train
+
+        train(ours)
+        records = [json.loads(line) for line in (Path(ours.output_dir) / METRICS_FILE).read_text().splitlines()]
+        steps = [r for r in records if "target_tokens_per_s" in r][drop:]
+        seconds = sum(r["step_seconds"] for r in steps)
+        out["reflora_ds_packed"] = {
+            "steps": ours.max_steps, "samples_seen": round(ours.max_steps * micro * per_sequence),
+            "seconds": seconds, "target_tokens_per_s": sum(r["target_tokens_per_s"] * r["step_seconds"]
+                                                          for r in steps) / seconds,
+            "eval_loss": records[-1]["eval_loss"]}
+    out["ratio"] = out["reflora_ds_packed"]["target_tokens_per_s"] / out["hf_trainer"]["target_tokens_per_s"]
+    out["eval_loss_difference"] = out["reflora_ds_packed"]["eval_loss"] - out["hf_trainer"]["eval_loss"]
+    print(f"mix: packed reflora-ds {out['reflora_ds_packed']['target_tokens_per_s']:.1f} target tokens/s, "
+          f"HF Trainer {out['hf_trainer']['target_tokens_per_s']:.1f} (ratio {out['ratio']:.2f}); eval loss "
+          f"{out['reflora_ds_packed']['eval_loss']:.4f} vs {out['hf_trainer']['eval_loss']:.4f}", flush=True)
+    return out
 
 
 def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, rounds: int, dtype: str,
-          model_name: str) -> dict:
+          model_name: str, mix: dict | None = None) -> dict:
     """Interleaved rounds of the three contenders; writes ``name``.json / .png and prints the table."""
     from reflora_ds.metrics import quiet_libraries
 
@@ -199,6 +301,10 @@ def suite(out, name: str, quick: bool, base_model: str | None, shape: dict, roun
     }
     targets = [target(f"{c} / HF Trainer tokens/s (median of rounds)", statistics.median(ratios[c]), 1.0,
                       at_most=False) for c in CONTENDERS[:2]]
+    if mix is not None:
+        results["mix"] = mix
+        targets.append(target("commonsense mix: packed reflora-ds / padded HF Trainer target tokens/s",
+                              mix["ratio"], 1.3, at_most=False))
     config = {"model": model_name, "dtype": dtype, "r": RANK,
               "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "targets": "q,k,v,up,down", "lr": LR,
               "max_grad_norm": 1.0, "micro_batch": shape["batch"], "seq_len": shape["seq_len"],
@@ -226,6 +332,14 @@ def report(results: dict, targets: list[dict]) -> None:
                      f"{r['median']:.3f} ({r['q25']:.3f}-{r['q75']:.3f})" if r else "1"])
     print_table(f"training throughput, {results['tokens_per_step']} tokens per step, {results['rounds']} rounds",
                 ["contender", "tokens/s (median step)", "quartiles", "steps", "ratio to HF Trainer (rounds)"], rows)
+    mix = results.get("mix")
+    if mix:
+        print_table(f"commonsense mix, cutoff {mix['cutoff_len']}, {mix['train_rows']} rows once, "
+                    f"{mix['batch_samples']} samples a step",
+                    ["contender", "target tokens/s", "steps", "samples seen", "eval loss after"],
+                    [[name, mix[key]["target_tokens_per_s"], mix[key]["steps"], mix[key]["samples_seen"],
+                      mix[key]["eval_loss"]] for name, key in (("reflora-ds train, packed", "reflora_ds_packed"),
+                                                              ("HF Trainer, padded", "hf_trainer"))])
     print_targets(targets)
 
 

@@ -50,20 +50,27 @@ def ordered(record: dict) -> dict:
 
 
 class Window:
-    """Training loss and throughput since the last logged step (this rank's share)."""
+    """Training loss and throughput since the last logged step (this rank's share).
+
+    Throughput counts the tokens processed (padding excluded) and the target
+    tokens (those the loss is computed on), per second of forward, backward and
+    optimizer step.
+    """
 
     def __init__(self):
-        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0.0
+        self.loss, self.steps, self.tokens, self.targets, self.seconds = 0.0, 0, 0, 0, 0.0
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, tokens: int, seconds: float, targets: int = 0) -> None:
         self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        self.tokens, self.targets, self.seconds = self.tokens + tokens, self.targets + targets, self.seconds + seconds
 
     def flush(self, device) -> dict:
-        """The window's global loss (sum of the ranks' shares) and tokens/s; then start a new one."""
-        loss, tokens = dist.all_reduce([self.loss, self.tokens], device)
+        """The window's global loss (sum of the ranks' shares) and throughput; then start a new one."""
+        loss, tokens, targets = dist.all_reduce([self.loss, self.tokens, self.targets], device)
         (seconds,) = dist.all_reduce([self.seconds], device, op="max")
-        record = {"loss": loss / max(self.steps, 1), "tokens_per_s": tokens / max(seconds, 1e-9)}
+        seconds = max(seconds, 1e-9)
+        record = {"loss": loss / max(self.steps, 1), "tokens_per_s": tokens / seconds,
+                  "target_tokens_per_s": targets / seconds, "step_seconds": seconds / max(self.steps, 1)}
         self.__init__()
         return record
 

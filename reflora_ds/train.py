@@ -183,7 +183,7 @@ def loop(run: Run, guard) -> str:
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
             tic = time.perf_counter()
             loss, tokens = optimizer_step(run, batches, n_targets, cfg.gradient_accumulation_steps * world)
-            window.add(loss, tokens, time.perf_counter() - tic)
+            window.add(loss, tokens, time.perf_counter() - tic, local_targets)
             state.global_step += 1
             state.step_in_epoch += 1
             record = log_step(run, window, lr, bar)

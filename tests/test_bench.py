@@ -144,6 +144,11 @@ def test_peer_quick(tmp_path):
     assert set(res["tokens_per_s"]) == {"reflora_ds lora", "reflora_ds reflora", "hf_trainer lora"}
     assert all(finite_positive(v["median"]) for v in res["tokens_per_s"].values())
     assert res["tokens_per_step"] == record["config"]["micro_batch"] * record["config"]["seq_len"]
+    mix = res["mix"]
+    assert mix["packing"]["samples_per_sequence"] > 1 and finite_positive(mix["ratio"])
+    for contender in ("reflora_ds_packed", "hf_trainer"):
+        assert finite_positive(mix[contender]["target_tokens_per_s"]) and finite_positive(mix[contender]["eval_loss"])
+    assert len(record["targets"]) == 3
 
 
 def test_gpu_script_quick_on_cpu(tmp_path):
