@@ -208,20 +208,21 @@ def mix_part(quick: bool, base_model: str | None, dtype: str) -> dict:
 
     n_train, n_eval = (96, 8) if quick else (320, 64)
     drop = 1 if quick else DROP_FIRST
+    cutoff = 2 * MIX_CUTOFF if quick else MIX_CUTOFF  # the tiny tokenizer spends about twice the tokens
     train_rows, eval_rows = mix_rows(quick, n_train, n_eval)
-    out: dict = {"train_rows": n_train, "eval_rows": n_eval, "cutoff_len": MIX_CUTOFF, "batch_samples": MIX_BATCH}
+    out: dict = {"train_rows": n_train, "eval_rows": n_eval, "cutoff_len": cutoff, "batch_samples": MIX_BATCH}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "train.json").write_text(json.dumps(train_rows))
         (tmp / "eval.json").write_text(json.dumps(eval_rows))
         cfg = run_config(tmp, "reflora_ds lora", base_model, tmp / "train.json",
-                         dict(seq_len=MIX_CUTOFF, batch=MIX_BATCH, steps=n_train // MIX_BATCH), 0, dtype)
+                         dict(seq_len=cutoff, batch=MIX_BATCH, steps=n_train // MIX_BATCH), 0, dtype)
         cfg = cfg.model_copy(update=dict(eval_data_path=str(tmp / "eval.json"), lr_scheduler="linear",
                                          warmup_steps=2, learning_rate=5e-4))
         tokenizer = models.load_tokenizer(models.resolve_base(cfg))
-        samples = preprocess(cfg.data_path, tokenizer, cutoff_len=MIX_CUTOFF).dataset
+        samples = preprocess(cfg.data_path, tokenizer, cutoff_len=cutoff).dataset
         targets = [sum(label != -100 for label in labels[1:]) for labels in samples["labels"]]
-        packed = pack_dataset(samples, MIX_CUTOFF)
+        packed = pack_dataset(samples, cutoff)
         per_sequence = len(samples) / len(packed)
         micro = max(1, round(MIX_BATCH / per_sequence))
         out["packing"] = {"samples": len(samples), "sequences": len(packed), "samples_per_sequence": per_sequence,
@@ -232,7 +233,7 @@ def mix_part(quick: bool, base_model: str | None, dtype: str) -> dict:
         clock, model = hf_trainer_run(hf_cfg, 1, return_model=True)
         seconds = sum(clock[drop:])
         seen = hf_cfg.max_steps * MIX_BATCH
-        eval_set = preprocess(cfg.eval_data_path, tokenizer, cutoff_len=MIX_CUTOFF).dataset
+        eval_set = preprocess(cfg.eval_data_path, tokenizer, cutoff_len=cutoff).dataset
         with torch.no_grad():
             hf_eval = evaluate.dataset_loss(model, eval_set, batch_size=MIX_BATCH, pad_token_id=tokenizer.pad_token_id)
         # Which samples the timed steps held is the sampler's business: their share of the targets is the mean's.
