@@ -100,6 +100,37 @@ STAGES = {
     "1": dict(tasks=("lm", "commonsense"), methods=("lora", "reflora", "reflora_s"), lrs=(1e-4, 5e-4, 3e-3),
               seeds=(0, 1, 2), steps=300, refactor_warmup=(0.05,), refactor_interval=(1,)),
 }
+# Stage 2, fixed before any of its runs: other methods, RefLoRA's refactor warm-up and interval, and the
+# variant the stage-1 diagnostics point to (Adam's moments carried through the refactor). Stage "2" is one
+# seed at each of stage 1's learning rates; stage "2b" then adds seeds 1 and 2 at each variant's best
+# learning rate on each task, chosen by study.py's rule (lowest final evaluation loss) once its three
+# seed-0 runs are in. (method, refactor warm-up fraction, refactor interval):
+STAGE2_VARIANTS = (("loraplus", 0.05, 1), ("dora", 0.05, 1), ("scaledgd", 0.05, 1), ("refactor_adam", 0.05, 1),
+                   ("reflora", 0.01, 1), ("reflora", 0.10, 1), ("reflora", 0.05, 4))
+STAGE2_LRS, STAGE2_SEEDS, STAGE2_STEPS = (1e-4, 5e-4, 3e-3), (1, 2), 300
+
+
+def stage_specs(stage: str, runs_dir: Path) -> list[RunSpec]:
+    """The runs of a pre-registered stage ("2b" depends on what stage 2 found)."""
+    tasks = STAGES["1"]["tasks"]
+    if stage in STAGES:
+        return grid(**STAGES[stage])
+    first = [RunSpec(t, m, lr, 0, STAGE2_STEPS, rw, ri) for t in tasks for lr in STAGE2_LRS
+             for m, rw, ri in STAGE2_VARIANTS]
+    if stage == "2":
+        return first
+    from .study import best_lr, load_runs
+
+    runs = {r["name"]: r for r in load_runs(runs_dir)}
+    specs = []
+    for t in tasks:
+        for m, rw, ri in STAGE2_VARIANTS:
+            cell = [runs.get(RunSpec(t, m, lr, 0, STAGE2_STEPS, rw, ri).name) for lr in STAGE2_LRS]
+            if None in cell:
+                continue  # its learning rate is not known yet
+            lr = best_lr({r["lr"]: [r] for r in cell})
+            specs += [RunSpec(t, m, lr, seed, STAGE2_STEPS, rw, ri) for seed in STAGE2_SEEDS]
+    return specs
 
 
 @dataclass(frozen=True)
@@ -416,7 +447,7 @@ def quick_specs() -> list[RunSpec]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     split = lambda kind: (lambda text: tuple(kind(x) for x in text.split(",") if x))  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m benchmarks convergence", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=sorted(STAGES), help="run a pre-registered grid")
+    p.add_argument("--stage", choices=sorted(STAGES) + ["2", "2b"], help="run a pre-registered grid")
     p.add_argument("--task", type=split(str), help="lm, commonsense (comma-separated)")
     p.add_argument("--methods", type=split(str), help=f"of {', '.join(METHOD_SETUP)}")
     p.add_argument("--lrs", type=split(float))
@@ -436,7 +467,7 @@ def run(out: Path, quick: bool, argv: list[str] | None = None) -> dict:
     if quick:
         specs = quick_specs()
     elif args.stage:
-        specs = grid(**STAGES[args.stage])
+        specs = stage_specs(args.stage, Path(out) / RUNS_DIR)
     elif args.task:
         missing = [k for k in ("methods", "lrs", "seeds") if getattr(args, k) is None]
         if missing:

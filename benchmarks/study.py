@@ -38,7 +38,8 @@ from .common import machine, payload, print_table, print_targets, pyplot, save_f
 
 STAGE1_WARMUP, STAGE1_INTERVAL = 0.05, 1
 LABELS = {"lora": "LoRA", "loraplus": "LoRA+", "scaledgd": "ScaledGD", "dora": "DoRA", "reflora": "RefLoRA",
-          "reflora_s": "RefLoRA-S", "refactor": "refactor"}
+          "reflora_s": "RefLoRA-S", "refactor": "refactor",
+          "refactor_adam": "refactor + moments"}
 CLAIM_FRACTION = 0.7
 # Methods whose plan starts after the refactor warm-up and follows the interval; the others ignore both.
 REFACTORING = tuple(name for name, method in REGISTRY.items() if method.needs is not None)
@@ -131,14 +132,18 @@ def _mean_std(values: list[float]) -> dict:
 # --- aggregation ---------------------------------------------------------------------------------------
 
 
+def best_lr(by_lr: dict[float, list[dict]]) -> float:
+    """The rule: the learning rate with the lowest seed-mean final evaluation loss (a diverged run: infinite)."""
+    return min(by_lr, key=lambda lr: statistics.fmean(final_loss(r) for r in by_lr[lr]))
+
+
 def summarise_task(runs: list[dict]) -> dict:
     cells: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         cells[variant(r)][r["lr"]].append(r)
     grid = {v: {f"{lr:g}": {**_mean_std([final_loss(r) for r in rs]), "seeds": sorted(r["seed"] for r in rs)}
                 for lr, rs in sorted(by_lr.items())} for v, by_lr in cells.items()}
-    best = {v: min(by_lr, key=lambda lr: statistics.fmean(final_loss(r) for r in by_lr[lr]))
-            for v, by_lr in cells.items()}
+    best = {v: best_lr(by_lr) for v, by_lr in cells.items()}
     out = {"grid": grid, "best_lr": {v: lr for v, lr in best.items()}, "variants": {}}
     lora = cells["lora"][best["lora"]] if "lora" in cells else None
     lora_final = statistics.fmean(final_loss(r) for r in lora) if lora else None

@@ -22,10 +22,10 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
          "model": "assistant", "bot": "assistant", "tool": "tool", "function": "tool", "observation": "tool"}
 
 
-def conversation_field(row: Any) -> str | None:
-    """The key holding a row's conversation, if it has one."""
+def conversation_field(row: Any, field: str | None = None) -> str | None:
+    """The key holding a row's conversation (``field``, or one of CONVERSATION_FIELDS), if it has one."""
     if isinstance(row, dict):
-        return next((key for key in CONVERSATION_FIELDS if key in row), None)
+        return next((key for key in ((field,) if field else CONVERSATION_FIELDS) if key in row), None)
     return None
 
 

@@ -72,6 +72,8 @@ class DatasetSpec(BaseModel):
     type: DataFormat = _f("auto", "Row format: llm_adapters, alpaca, chat_template (OpenAI messages or "
                                   "ShareGPT conversations), or auto.")
     split: str = _f("train", "The split to read, where the source has several.")
+    field_messages: str | None = _f(None, "The column holding the conversation, when it is not messages or "
+                                          "conversations.")
     weight: float | None = _f(None, "Rows taken, as a multiple of the source's (0.5: a random half; 2: every "
                                     "row twice).", gt=0)
     max_rows: int | None = _f(None, "At most this many rows of the source (a random choice).", ge=1)

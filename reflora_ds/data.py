@@ -113,12 +113,12 @@ class Rows:
         return self.format == "chat_template"
 
 
-def _schema_of(raw: list[Any]) -> str:
+def _schema_of(raw: list[Any], field_messages: str | None = None) -> str:
     """chat_template for conversations; llm_adapters when rows carry an `answer`; otherwise alpaca."""
     from .chat import conversation_field
 
     first = next((row for row in raw if isinstance(row, dict)), {})
-    if conversation_field(first) is not None:
+    if conversation_field(first, field_messages) is not None:
         return "chat_template"
     return "llm_adapters" if "answer" in first else "alpaca"
 
@@ -137,7 +137,7 @@ def _raw_rows(path: str | Path, split: str) -> list[Any]:
         raise DataError(str(err)) from None
 
 
-def _row_problem(row: Any, schema: str) -> str | None:
+def _row_problem(row: Any, schema: str, field_messages: str | None = None) -> str | None:
     if isinstance(row, Unparsable):
         return f"not valid JSON ({row.reason})"
     if not isinstance(row, dict):
@@ -145,9 +145,10 @@ def _row_problem(row: Any, schema: str) -> str | None:
     if schema == "chat_template":
         from .chat import conversation_field, normalise_conversation
 
-        key = conversation_field(row)
+        key = conversation_field(row, field_messages)
         if key is None:
-            return "no 'messages' (OpenAI) or 'conversations' (ShareGPT) key"
+            return (f"no {field_messages!r} key (field_messages)" if field_messages
+                    else "no 'messages' (OpenAI) or 'conversations' (ShareGPT) key")
         try:
             normalise_conversation(row[key])
         except ValueError as err:
@@ -162,35 +163,37 @@ def _row_problem(row: Any, schema: str) -> str | None:
     return None
 
 
-def _normalised(row: dict, schema: str) -> dict:
+def _normalised(row: dict, schema: str, field_messages: str | None = None) -> dict:
     if schema == "chat_template":
         from .chat import conversation_field, normalise_conversation
 
-        return {"messages": normalise_conversation(row[conversation_field(row)]), "answer": row.get("answer") or ""}
+        turns = row[conversation_field(row, field_messages)]
+        return {"messages": normalise_conversation(turns), "answer": row.get("answer") or ""}
     return {key: row.get(key) or "" for key in ("instruction", "input", "output", "answer")}
 
 
 def read_rows(path: str | Path | None = None, data_format: str = "auto", *, skip_malformed: bool = False,
-              split: str = "train") -> Rows:
+              split: str = "train", field_messages: str | None = None) -> Rows:
     """Read and check every row; a malformed one raises DataError unless skipped (and counted).
 
     ``path``: a file, a folder or a hub dataset id (sources.py); None: the embedded training set.
+    ``field_messages``: the column holding conversations, when not messages / conversations.
     """
     path = path if path is not None else EMBEDDED_TRAIN
     if data_format not in ("auto", "hf_disk") + FORMATS:
         raise DataError(f"unknown data format {data_format!r}; known: auto, {', '.join(FORMATS)}")
     raw = _raw_rows(path, split)
-    schema = _schema_of(raw) if data_format in ("auto", "hf_disk") else data_format
+    schema = _schema_of(raw, field_messages) if data_format in ("auto", "hf_disk") else data_format
 
     rows, skipped = [], []
     for index, row in enumerate(raw):
-        problem = _row_problem(row, schema)
+        problem = _row_problem(row, schema, field_messages)
         if problem is not None:
             if not skip_malformed:
                 raise DataError(f"{path}: row {index}: {problem} (set skip_malformed_rows to skip such rows)")
             skipped.append(index)
             continue
-        rows.append(_normalised(row, schema))
+        rows.append(_normalised(row, schema, field_messages))
     if not rows:
         raise DataError(f"{path}: no usable rows ({len(skipped)} malformed)")
     return Rows(rows=rows, source=path, format=schema, skipped=len(skipped), skipped_rows=skipped)
@@ -303,6 +306,7 @@ def preprocess(
     skip_malformed: bool = False,
     cache_root: str | Path | None = None,
     split: str = "train",
+    field_messages: str | None = None,
 ) -> TokenizedData:
     """Tokenize a source once and keep the result; later calls load it from disk.
 
@@ -314,8 +318,10 @@ def preprocess(
     """
     path = Path(data_path).expanduser() if data_path is not None else EMBEDDED_TRAIN
     local = path.exists()
-    rows = None if local else read_rows(str(data_path), data_format, skip_malformed=skip_malformed, split=split)
-    fmt = rows.format if rows is not None else (data_format if data_format in FORMATS else detect_format(path))
+    reading = dict(skip_malformed=skip_malformed, split=split, field_messages=field_messages)
+    rows = None if local else read_rows(str(data_path), data_format, **reading)
+    fmt = rows.format if rows is not None else (data_format if data_format in FORMATS
+                                                else _schema_of(_raw_rows(path, split), field_messages))
     key_parts = {
         "version": CACHE_VERSION,
         "source": _source_fingerprint(path) if local else _rows_fingerprint(rows.rows),
@@ -325,6 +331,7 @@ def preprocess(
         "template": asdict(get_template(template)),
         "cutoff_len": cutoff_len,
         "skip_malformed": skip_malformed,
+        "field_messages": field_messages,
     }
     if fmt == "chat_template":
         key_parts["chat_template"] = getattr(tokenizer, "chat_template", None)
@@ -337,7 +344,7 @@ def preprocess(
         return TokenizedData(load_from_disk(str(target)), target, True, json.loads(meta_file.read_text()))
 
     if rows is None:
-        rows = read_rows(path, fmt, skip_malformed=skip_malformed, split=split)
+        rows = read_rows(path, fmt, **reading)
     columns, stats = tokenize_source(rows, tokenizer, template=template, cutoff_len=cutoff_len)
     stats.update(source=str(data_path if data_path is not None else path), format=fmt,
                  skipped_malformed=rows.skipped, samples=len(columns["input_ids"]))
@@ -512,7 +519,8 @@ def data_sources(cfg) -> list:
 def source_rows(cfg) -> list[dict]:
     """The training sources' rows end to end: what a sample's source_row points into."""
     return [row for spec in data_sources(cfg)
-            for row in read_rows(spec.path, spec.type, skip_malformed=cfg.skip_malformed_rows, split=spec.split).rows]
+            for row in read_rows(spec.path, spec.type, skip_malformed=cfg.skip_malformed_rows, split=spec.split,
+                                 field_messages=spec.field_messages).rows]
 
 
 def take_rows(dataset: Dataset, weight: float | None, max_rows: int | None, seed: int) -> Dataset:
@@ -548,7 +556,8 @@ def tokenize_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
     parts, composition, offset = [], [], 0
     stats: dict = {"train": {}, "sources": composition}
     for index, spec in enumerate(data_sources(cfg)):
-        tokenized = preprocess(spec.path, tokenizer, data_format=spec.type, split=spec.split, **options)
+        tokenized = preprocess(spec.path, tokenizer, data_format=spec.type, split=spec.split,
+                               field_messages=spec.field_messages, **options)
         taken = take_rows(tokenized.dataset, spec.weight, spec.max_rows, cfg.seed + index)
         rows = tokenized.stats["rows"] - tokenized.stats.get("skipped_malformed", 0)
         if offset:

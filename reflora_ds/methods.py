@@ -66,7 +66,9 @@ class Method:
     ``needs``: what its per-step plan is made from ("grams": A Aᵀ and Bᵀ B per
     layer, "norms": the squared norms, None: no plan).  ``edits_weights``: it
     moves the factors at the step boundary.  ``needs_adam_moments``: it
-    rescales Adam's moments.  ``b_lr_ratio``: B trains at
+    rescales Adam's moments.  ``transports_moments``: when it moves the
+    factors it carries Adam's moments into the new coordinates too (see
+    stepper.transport_maps).  ``b_lr_ratio``: B trains at
     ``loraplus_lr_ratio`` × the learning rate.
     """
 
@@ -75,6 +77,7 @@ class Method:
     needs: str | None = None
     edits_weights: bool = False
     needs_adam_moments: bool = False
+    transports_moments: bool = False
     b_lr_ratio: bool = False
     plan: Callable[["MethodConfig", Tensor, Tensor], StepPlan] | None = None
 
@@ -112,6 +115,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            edits_weights=True, needs_adam_moments=True, plan=_reflora_s_plan),
     Method("refactor", "the factors moved to the balanced pair A ← QA, B ← BQ⁻¹ each step", needs="grams",
            edits_weights=True, plan=_refactor_plan),
+    Method("refactor_adam", "refactor, with Adam's moments carried into the new coordinates "
+                            "(m_A ← Q⁻ᵀm_A, m_B ← m_B·Qᵀ; the second moments by the squared maps)", needs="grams",
+           edits_weights=True, needs_adam_moments=True, transports_moments=True, plan=_refactor_plan),
     Method("lora", "plain LoRA with AdamW"),
     Method("loraplus", "LoRA+: B at loraplus_lr_ratio × the learning rate", b_lr_ratio=True),
     Method("scaledgd", "ScaledGD: ∇A ← (BᵀB + δI)⁻¹∇A, ∇B ← ∇B(AAᵀ + δI)⁻¹", needs="grams",

@@ -77,6 +77,13 @@ class TorchStepper(LoraStepper):
     def _set_full_master(self, param, value: Tensor) -> None:
         param.copy_(value)
 
+    @torch.no_grad()
+    def _map_moments(self, param, first, second) -> None:
+        state = self.optimizer.state.get(param, {})
+        for key, mapping in (("exp_avg", first), ("exp_avg_sq", second)):
+            if key in state:
+                state[key].copy_(mapping(state[key].double()))
+
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, pairs, method: MethodConfig) -> None:
     owned = {id(p) for g in optimizer.param_groups for p in g["params"]}

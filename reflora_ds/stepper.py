@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -71,6 +71,11 @@ class LoraStepper:
         raise NotImplementedError
 
     def _set_full_master(self, param, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def _map_moments(self, param, first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> None:
+        """Replace ``param``'s full Adam moments by ``first(exp_avg)`` and ``second(exp_avg_sq)`` (fp64 in,
+        any dtype out); nothing before the first step."""
         raise NotImplementedError
 
     # -- the cycle ----------------------------------------------------------------
@@ -132,6 +137,9 @@ class LoraStepper:
                 B = self._get_full_master(pair.B)
                 self._set_full_master(pair.A, (Q.to(A.device) @ A.double()).to(A.dtype))
                 self._set_full_master(pair.B, (B.double() @ Q_inv.to(B.device)).to(B.dtype))
+                if self.method.spec.transports_moments:
+                    for param, (first, second) in zip((pair.A, pair.B), transport_maps(Q, Q_inv)):
+                        self._map_moments(param, first, second)
 
     def after_step(self) -> None:
         self.steps_done += 1
@@ -158,6 +166,27 @@ class LoraStepper:
             h.remove()
         self._hooks.clear()
         self.plan = None
+
+
+def transport_maps(Q: Tensor, Q_inv: Tensor):
+    """How Adam's moments of A and B follow the refactor A ← QA, B ← BQ⁻¹: ((first, second) for A, for B).
+
+    A gradient in the new coordinates is Q⁻ᵀ∇A and ∇B·Qᵀ, and the first
+    moment, a running mean of gradients, maps the same way. The second moment
+    is elementwise and has no exact image; it maps by the elementwise squares
+    of the same matrices, E[(Mg)ᵢ²] = Σⱼ Mᵢⱼ² E[gⱼ²], exact when the gradient's
+    entries are uncorrelated with mean zero. That keeps it positive, and exact
+    when Q is diagonal (a per-direction rescale, as RefLoRA-S's scalar).
+    """
+    left, right = Q_inv.T, Q.T
+
+    def on_a(matrix):
+        return lambda m: matrix.to(m.device) @ m
+
+    def on_b(matrix):
+        return lambda m: m @ matrix.to(m.device)
+
+    return (on_a(left), on_a(left.square())), (on_b(right), on_b(right.square()))
 
 
 @contextlib.contextmanager

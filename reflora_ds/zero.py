@@ -128,6 +128,24 @@ class ZeroStepper(LoraStepper):
 
         safe_set_full_fp32_param(param, value.float())
 
+    @torch.no_grad()
+    def _map_moments(self, param, first, second) -> None:
+        if not _has_moments(client_optimizer(self.engine)):
+            return  # before the first step
+        if not _master_is_partitioned(param):
+            master, opt = _stage0_master(self.engine, param)
+            state = opt.state.get(master, {})
+            for key, mapping in zip(MOMENTS, (first, second)):
+                if key in state:
+                    state[key].copy_(mapping(state[key].double()))
+            return
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+        for key, mapping in zip(MOMENTS, (first, second)):
+            # Every rank gathers and maps the same full tensor, then keeps its own share.
+            full = safe_get_full_optimizer_state(param, key)
+            safe_set_full_optimizer_state(param, mapping(full.double()).float(), key)
+
 
 ZeroRefLoRA = ZeroStepper  # the name of earlier releases
 

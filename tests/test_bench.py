@@ -196,3 +196,25 @@ def torch_load_step(path: Path) -> int:
     import torch
 
     return torch.load(path, weights_only=True)["step"]
+
+
+def test_stage_two_is_fixed_and_2b_follows_the_selection_rule(tmp_path, monkeypatch):
+    """Stage 2's grid is written down before its runs; 2b adds seeds at the lr the rule picks, once it can."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import convergence as study_runs
+
+    first = study_runs.stage_specs("2", tmp_path)
+    assert len(first) == 2 * 3 * len(study_runs.STAGE2_VARIANTS) and {s.seed for s in first} == {0}
+    assert {(s.method, s.refactor_warmup, s.refactor_interval) for s in first} == set(study_runs.STAGE2_VARIANTS)
+    assert study_runs.stage_specs("2b", tmp_path) == []  # no seed-0 runs yet: no learning rate chosen
+
+    # Seed-0 runs of one cell: 5e-4 ends lowest, 3e-3 diverged.
+    for spec in first:
+        if (spec.task, spec.method, spec.refactor_interval) != ("lm", "reflora", 4):
+            continue
+        final = {1e-4: 3.5, 5e-4: 3.3, 3e-3: 3.0}[spec.lr]
+        record = {"name": spec.name, "lr": spec.lr, "steps": spec.steps, "diverged": spec.lr == 3e-3,
+                  "eval_curve": [[0, 3.7], [spec.steps, final]]}
+        (tmp_path / f"{spec.name}.json").write_text(json.dumps(record))
+    picked = study_runs.stage_specs("2b", tmp_path)
+    assert [(s.lr, s.seed, s.refactor_interval) for s in picked] == [(5e-4, 1, 4), (5e-4, 2, 4)]

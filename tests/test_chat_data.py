@@ -137,3 +137,39 @@ def test_evaluation_prompts_end_with_the_generation_prompt(tok):
     question = make_question(0, evaluation)
     assert question.prompt == evaluation["prompt"] and question.answer == "answer1"
     assert question.response("answer2") == "the correct answer is answer2"
+
+
+def test_a_conversation_column_of_another_name(tok, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"dialogue": SHAREGPT}])
+    with pytest.raises(DataError, match="no 'messages' .* or 'conversations'"):
+        read_rows(path, "chat_template")
+    rows = read_rows(path, field_messages="dialogue")
+    assert rows.chat and rows.rows[0]["messages"] == chat.normalise_conversation(CONVERSATION)
+    cfg = build_config({"datasets": [{"path": str(path), "type": "chat_template", "field_messages": "dialogue"}]})
+    assert cfg.datasets[0].field_messages == "dialogue"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    tokenizer = tiny_tokenizer()
+    # The generation prompt differs from how an assistant turn is rendered: the turn cannot be located.
+    tokenizer.chat_template = TEMPLATE.replace("<s>assistant\n{% endif %}", "<s>bot\n{% endif %}")
+    with pytest.raises(DataError, match="rewrites earlier turns"):
+        chat.tokenize_conversations([CONVERSATION], tokenizer, cutoff_len=512)
+
+
+def test_reflora_ds_eval_scores_chat_rows_in_both_modes(tmp_path):
+    from reflora_ds.evaluate import evaluate
+    from tiny_models import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    tokenizer.chat_template = TEMPLATE
+    rows = [{"messages": CONVERSATION, "answer": "answer1"},
+            {"messages": CONVERSATION[:3], "answer": "answer2"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    result = evaluate(model, tokenizer, path, modes=["generate", "likelihood"], max_new_tokens=4)
+    assert result.rows == 2 and set(result.accuracy) == {"generate", "likelihood"}
+    assert result.loss is not None and result.loss > 0
+    # What was scored: the options after the generation prompt.
+    question = make_question(0, chat.evaluation_row(tokenizer, read_rows(path).rows[0]))
+    assert question.prompt.endswith("And the other?</s>\n<s>assistant\n") and question.answer == "answer1"
+    assert len(result.examples["likelihood"]) == 2

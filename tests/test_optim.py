@@ -247,3 +247,35 @@ def test_unknown_method_and_bad_options():
         attach(model, sgd(model), "lora_ultra")
     with pytest.raises(ValueError, match="refactor_interval"):
         attach(model, sgd(model), "reflora", interval=0)
+
+
+def test_refactor_adam_carries_the_moments_into_the_new_coordinates():
+    """At a boundary: m ← β₁·(Q⁻ᵀ m) + (1-β₁)·g and v ← β₂·((Q⁻ᵀ)∘² v) + (1-β₂)·g² for A (for B the maps act
+    from the right), g the gradient in the new coordinates; plain refactor leaves the old moments as they were."""
+    from reflora_ds.stepper import transport_maps
+
+    batches = regression_batches(6, seed=4)
+    for method, carried in (("refactor_adam", True), ("refactor", False)):
+        model = tiny_peft(seed=4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.9),
+                                weight_decay=0.0)
+        stepper = attach(model, opt, method)
+        pair = find_lora_pairs(model)[0]
+        for k, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            if k == len(batches) - 1:
+                old = {side: [opt.state[p][key].clone().double() for key in ("exp_avg", "exp_avg_sq")]
+                       for side, p in (("A", pair.A), ("B", pair.B))}
+                grads = {"A": pair.A.grad.clone().double(), "B": pair.B.grad.clone().double()}
+                Q, Q_inv = stepper.plan.refactor[0]
+            opt.step()
+        assert (Q - torch.eye(Q.shape[0], dtype=Q.dtype)).abs().max() > 1e-3  # a real change of coordinates
+        maps = dict(zip("AB", transport_maps(Q, Q_inv)))
+        for side, p in (("A", pair.A), ("B", pair.B)):
+            first, second = maps[side] if carried else (lambda m: m, lambda v: v)
+            (m_old, v_old), g = old[side], grads[side]
+            torch.testing.assert_close(opt.state[p]["exp_avg"].double(), 0.8 * first(m_old) + 0.2 * g,
+                                       rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), 0.9 * second(v_old) + 0.1 * g.square(),
+                                       rtol=1e-9, atol=1e-12)

@@ -27,7 +27,7 @@ WORLD = 2
 METHODS = ["lora", "loraplus", "scaledgd", "reflora", "reflora_s"]
 CASES = (
     [{"stage": s, "method": m, "accum": a} for s in (0, 1, 2, 3) for m in METHODS for a in (1, 2)]
-    + [{"stage": s, "method": "refactor", "accum": 2} for s in (0, 1, 2, 3)]
+    + [{"stage": s, "method": m, "accum": 2} for s in (0, 1, 2, 3) for m in ("refactor", "refactor_adam")]
     + [{"stage": s, "method": m, "accum": 2, "offload": True} for s in (2, 3) for m in ("reflora", "reflora_s")]
     + [{"stage": s, "method": "reflora", "accum": 2, "clip": 0.05} for s in (0, 2, 3)]
     + [{"stage": s, "method": m, "accum": 2, "bf16": True} for s in (0, 1, 2, 3) for m in ("reflora", "reflora_s")]
