@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .data import IGNORE_INDEX, DataError
+from .data import IGNORE_INDEX, DataError, add_sample
 
 CONVERSATION_FIELDS = ("messages", "conversations")  # OpenAI, ShareGPT
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -119,15 +119,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, *, cutoff
         # cost the answer its first token).
         labels = [token if end > start and any(start < b and end > a for a, b in spans) else IGNORE_INDEX
                   for token, (start, end) in zip(ids, encoded["offset_mapping"])]
-        if len(ids) > cutoff_len:
-            stats["truncated"] += 1
-            ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            stats["dropped_no_target"] += 1
-            continue
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["source_row"].append(row)
+        add_sample(out, stats, row, ids, labels, cutoff_len)
     return out, stats
 
 

@@ -242,17 +242,22 @@ def tokenize_rows(
         n_prompt = _prompt_token_count(prompt, ids, offsets, tokenizer)
         if not ids or ids[-1] != tokenizer.eos_token_id:
             ids.append(tokenizer.eos_token_id)
-        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-        if len(ids) > cutoff_len:
-            stats["truncated"] += 1
-            ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            stats["dropped_no_target"] += 1
-            continue
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["source_row"].append(i)
+        add_sample(out, stats, i, ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:], cutoff_len)
     return out, stats
+
+
+def add_sample(out: dict[str, list], stats: dict[str, int], row: int, ids: list[int], labels: list[int],
+               cutoff_len: int) -> None:
+    """Append one sample cut to cutoff_len (counted as truncated); one left with no target is dropped (counted)."""
+    if len(ids) > cutoff_len:
+        stats["truncated"] += 1
+        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        stats["dropped_no_target"] += 1
+        return
+    out["input_ids"].append(ids)
+    out["labels"].append(labels)
+    out["source_row"].append(row)
 
 
 # --- the tokenized-data cache -------------------------------------------------

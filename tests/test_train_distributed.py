@@ -37,13 +37,11 @@ SETTINGS = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", deepspeed="zero3",
                 save_steps=2, eval_steps=2, val_set_size=5)  # 5: eval shards of 3 and 2 rows
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
+def launch_with_twin(root: Path, settings: dict) -> dict:
+    """A 2-rank launch (1 sample × 2 accumulation × 2 ranks a step) and its 1-rank twin (2 × 2 × 1)."""
     base, data, cache = make_base(root / "base"), write_rows(root / "train.json", make_rows(40)), root / "cache"
-    # 1 sample × 2 accumulation × 2 ranks = 4 per step, as 2 × 2 × 1 rank in the twin
-    two = write_config(root / "two.yaml", **base_values(base, data, root / "two", micro_batch_size=1, **SETTINGS))
-    one = write_config(root / "one.yaml", **base_values(base, data, root / "one", micro_batch_size=2, **SETTINGS))
+    two = write_config(root / "two.yaml", **base_values(base, data, root / "two", micro_batch_size=1, **settings))
+    one = write_config(root / "one.yaml", **base_values(base, data, root / "one", micro_batch_size=2, **settings))
 
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", str(WORLD), "--master_port", str(free_port()),
@@ -55,6 +53,11 @@ def runs(tmp_path_factory):
     twin = run_cli(["train", one])
     mp.undo()
     return {"launch": proc, "two": root / "two", "twin": twin, "one": root / "one"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return launch_with_twin(tmp_path_factory.mktemp("dist"), SETTINGS)
 
 
 def test_two_rank_zero3_4bit_run_completes(runs):
@@ -92,19 +95,7 @@ PACKED = dict(deepspeed="zero3", sample_packing=True, cutoff_len=256, lora_dropo
 @pytest.fixture(scope="module")
 def packed_runs(tmp_path_factory):
     """Packed sequences under ZeRO-3 at 2 ranks, and their 1-rank twin."""
-    root = tmp_path_factory.mktemp("packed")
-    base, data, cache = make_base(root / "base"), write_rows(root / "train.json", make_rows(40)), root / "cache"
-    two = write_config(root / "two.yaml", **base_values(base, data, root / "two", micro_batch_size=1, **PACKED))
-    one = write_config(root / "one.yaml", **base_values(base, data, root / "one", micro_batch_size=2, **PACKED))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--num_gpus", str(WORLD), "--master_port", str(free_port()),
-           "--module", "reflora_ds", "train", str(two)]
-    proc = subprocess.run(cmd, env=subprocess_env(cache), capture_output=True, text=True, timeout=300)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("REFLORA_DS_CACHE", str(cache))
-    twin = run_cli(["train", one])
-    mp.undo()
-    return {"launch": proc, "two": root / "two", "twin": twin, "one": root / "one"}
+    return launch_with_twin(tmp_path_factory.mktemp("packed"), PACKED)
 
 
 def test_packed_zero3_two_ranks_match_their_one_rank_twin(packed_runs):
