@@ -55,12 +55,13 @@ def resolve_chat_template(value: str | None) -> str | None:
     """A Jinja template given inline or as a file path."""
     if value is None:
         return None
+    if "{" in value:  # Jinja: {{ ... }} / {% ... %}
+        return value
     path = Path(value).expanduser()
-    if "{" not in value and (path.suffix in (".jinja", ".j2", ".txt") or "/" in value):
-        if not path.is_file():
-            raise DataError(f"chat_template: no such file: {value}")
-        return path.read_text(encoding="utf-8")
-    return value
+    if not path.is_file():
+        raise DataError(f"chat_template: {value!r} is neither a Jinja template nor a file "
+                        "(give the template text, or the path of a .jinja file)")
+    return path.read_text(encoding="utf-8")
 
 
 def use_chat_template(tokenizer, template: str | None) -> None:

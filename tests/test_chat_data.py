@@ -111,8 +111,10 @@ def test_chat_template_from_a_file_or_inline(tmp_path):
     (tmp_path / "t.jinja").write_text(TEMPLATE)
     assert chat.resolve_chat_template(str(tmp_path / "t.jinja")) == TEMPLATE
     assert chat.resolve_chat_template(TEMPLATE) == TEMPLATE
-    with pytest.raises(ConfigError, match="chat_template: no such file"):
+    with pytest.raises(ConfigError, match="chat_template: .*missing.jinja' is neither a Jinja template nor a file"):
         check_files(build_config({"chat_template": str(tmp_path / "missing.jinja")}))
+    with pytest.raises(DataError, match="'chatml' is neither"):  # a name is not a template
+        chat.resolve_chat_template("chatml")
     tokenizer = tiny_tokenizer()
     chat.use_chat_template(tokenizer, str(tmp_path / "t.jinja"))
     assert tokenizer.chat_template == TEMPLATE
