@@ -15,6 +15,8 @@ SUMMARY_FILE = "summary.json"
 LOSS_PLOT = "loss.png"
 
 # The order of the keys in a metrics record (others follow).
+# Record keys measured by the clock: they differ between runs that are otherwise the same.
+WALL_CLOCK_KEYS = ("tokens_per_s", "target_tokens_per_s", "step_seconds")
 _KEY_ORDER = ("step", "epoch", "loss", "eval_loss", "eval_accuracy", "lr", "tokens_per_s", "refactor_fallbacks")
 
 

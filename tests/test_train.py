@@ -109,6 +109,7 @@ def test_metrics_log_loss_lr_throughput_and_eval(full_run):
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     train = [r for r in records if "loss" in r]
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["refactor_fallbacks"] == 0 for r in train)
+    assert all(0 < r["target_tokens_per_s"] < r["tokens_per_s"] and r["step_seconds"] > 0 for r in train)
     # linear schedule, 1 warmup step, 6 steps: lr of the step that used it
     expected = [1e-3, 2e-3, 1.6e-3, 1.2e-3, 0.8e-3, 0.4e-3]
     assert [r["lr"] for r in train] == pytest.approx(expected)
