@@ -564,7 +564,7 @@ def tokenize_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None, dict]:
         tokenized = preprocess(spec.path, tokenizer, data_format=spec.type, split=spec.split,
                                field_messages=spec.field_messages, **options)
         taken = take_rows(tokenized.dataset, spec.weight, spec.max_rows, cfg.seed + index)
-        rows = tokenized.stats["rows"] - tokenized.stats.get("skipped_malformed", 0)
+        rows = tokenized.stats["rows"]  # usable rows: what source_rows() lists for this source
         if offset:
             base = offset
             taken = taken.map(lambda sample: {"source_row": sample["source_row"] + base}, keep_in_memory=True)

@@ -105,3 +105,22 @@ def test_a_parquet_file_and_a_two_dataset_mixture_train(tmp_path, monkeypatch):
         assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
         assert metrics(tmp_path / name)[-1]["step"] == 3
     assert "mixture: " in result.output and "train.parquet (llm_adapters): 10 samples of 30 rows" in result.output
+
+
+def test_source_rows_lead_each_mixture_sample_back_to_its_row(tmp_path, monkeypatch):
+    """With a malformed row skipped in the first source, the second source's samples still find their rows."""
+    from reflora_ds.data import IGNORE_INDEX, source_rows
+
+    monkeypatch.setenv("REFLORA_DS_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "a.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]) + "{not json\n")
+    second = write_rows(tmp_path / "b.json", ROWS[3:6])
+    cfg = build_config({"datasets": [{"path": str(first)}, {"path": str(second)}], "skip_malformed_rows": True,
+                        "cutoff_len": 512})
+    tokenizer = tiny_tokenizer()
+    train, _, stats = tokenize_datasets(cfg, tokenizer)
+    rows = source_rows(cfg)
+    assert len(rows) == 6 and [c["rows"] for c in stats["sources"]] == [3, 3]
+    for ids, labels, index in zip(train["input_ids"], train["labels"], train["source_row"]):
+        response = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+        assert response.startswith(rows[index]["output"])
