@@ -536,12 +536,21 @@ class EvalResult:
         return out
 
 
-def _rows_of(data) -> tuple[str, list[dict]]:
+def _rows_of(data, tokenizer, limit: int | None) -> tuple[str, list[dict]]:
+    """The task name and the (first ``limit``) rows; a conversation becomes the row evaluation scores: its
+    prompt runs up to the last assistant turn, with the generation prompt."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         name = path.parent.name if path.stem in ("test", "train", "dev", "validation") else path.stem
-        return name, read_rows(path).rows
-    return "data", list(data)
+        rows = read_rows(path).rows
+    else:
+        name, rows = "data", list(data)
+    rows = rows[:limit] if limit is not None else rows
+    if any("messages" in row for row in rows):
+        from .chat import evaluation_row
+
+        rows = [evaluation_row(tokenizer, row) if "messages" in row else row for row in rows]
+    return name, rows
 
 
 def evaluate(
@@ -576,12 +585,7 @@ def evaluate(
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise EvalError(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
-    name, rows = _rows_of(data)
-    rows = rows[:limit] if limit is not None else rows
-    if any("messages" in row for row in rows):  # conversations: prompt = up to the last assistant turn
-        from .chat import evaluation_row
-
-        rows = [evaluation_row(tokenizer, row) if "messages" in row else row for row in rows]
+    name, rows = _rows_of(data, tokenizer, limit)
     if not rows:
         raise EvalError(f"{task or name}: no rows to evaluate")
     result = EvalResult(task=task or name, rows=len(rows))
