@@ -293,13 +293,9 @@ def field_help(name: str) -> str:
 # --- what exists on disk -----------------------------------------------------------------
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
-
-
 def check_files(cfg: RunConfig, *, data: bool = True) -> None:
     """The files a configuration names exist (the model's; with ``data`` the data's too)."""
-    from .sources import hub_offline, looks_like_path
+    from .sources import MODEL_OFFLINE, hub_offline, looks_like_path
 
     named = [("data_path", cfg.data_path), ("eval_data_path", cfg.eval_data_path)]
     named += [(f"datasets[{i}].path", spec.path) for i, spec in enumerate(cfg.datasets or [])]
@@ -329,9 +325,9 @@ def check_files(cfg: RunConfig, *, data: bool = True) -> None:
     path = Path(base).expanduser()
     if path.is_dir():
         _check_weights_format(base, path)
-    elif _looks_like_path(base) or path.exists():
+    elif looks_like_path(base) or path.exists():
         raise ConfigError(f"base_model: no such directory: {base}")
-    elif _hub_offline() and not _in_hub_cache(base):
+    elif hub_offline(MODEL_OFFLINE) and not _in_hub_cache(base):
         raise ConfigError(f"base_model: {base} is not a folder on this machine, and the hub is offline "
                           "(HF_HUB_OFFLINE) with no copy of it in the cache; give the path of a local model folder")
 
@@ -346,11 +342,6 @@ def _check_weights_format(base: str, path: Path) -> None:
         f"import AutoModelForCausalLM as M; M.from_pretrained('{base}').save_pretrained('{base}-safetensors')\" "
         "(and copy the tokenizer files), then train from that folder"
     )
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE",
-                                                                                      "TRANSFORMERS_OFFLINE"))
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -230,7 +230,7 @@ def tokenize_rows(
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token")
-    get_template(template)
+    get_template(template)  # an unknown name fails even when every row brings its own prompt
     prompts = [row_prompt(row, template) for row in rows]
     texts = [prompt + row["output"] for prompt, row in zip(prompts, rows)]
     encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=tokenizer.is_fast)
@@ -325,20 +325,18 @@ def preprocess(
     local = path.exists()
     reading = dict(skip_malformed=skip_malformed, split=split, field_messages=field_messages)
     rows = None if local else read_rows(str(data_path), data_format, **reading)
-    fmt = rows.format if rows is not None else (data_format if data_format in FORMATS
-                                                else _schema_of(_raw_rows(path, split), field_messages))
     key_parts = {
         "version": CACHE_VERSION,
         "source": _source_fingerprint(path) if local else _rows_fingerprint(rows.rows),
         "split": split,
-        "format": fmt,
+        "format": data_format,  # as set: with the contents it decides the detected one (no read just to look)
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": asdict(get_template(template)),
         "cutoff_len": cutoff_len,
         "skip_malformed": skip_malformed,
         "field_messages": field_messages,
     }
-    if fmt == "chat_template":
+    if data_format not in ("llm_adapters", "alpaca"):  # conversations, named or detected: the template counts
         key_parts["chat_template"] = getattr(tokenizer, "chat_template", None)
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_root) if cache_root is not None else cache_dir() / "tokenized"
@@ -349,9 +347,9 @@ def preprocess(
         return TokenizedData(load_from_disk(str(target)), target, True, json.loads(meta_file.read_text()))
 
     if rows is None:
-        rows = read_rows(path, fmt, **reading)
+        rows = read_rows(path, data_format, **reading)
     columns, stats = tokenize_source(rows, tokenizer, template=template, cutoff_len=cutoff_len)
-    stats.update(source=str(data_path if data_path is not None else path), format=fmt,
+    stats.update(source=str(data_path if data_path is not None else path), format=rows.format,
                  skipped_malformed=rows.skipped, samples=len(columns["input_ids"]))
     dataset = Dataset.from_dict(columns)
 

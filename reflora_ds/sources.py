@@ -60,12 +60,17 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def looks_like_path(value: str) -> bool:
+    """A local path by its spelling (a hub id is never one): a leading /, ./, ../ or ~, or a data-file suffix."""
     return value.startswith(("/", "./", "../", "~")) or Path(value).suffix in BUILDERS
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+# The switches that keep the Hugging Face libraries off the network.
+MODEL_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+DATASETS_OFFLINE = MODEL_OFFLINE + ("HF_DATASETS_OFFLINE",)
+
+
+def hub_offline(switches: tuple[str, ...] = DATASETS_OFFLINE) -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in switches)
 
 
 def read_raw(source: str | Path, split: str = "train") -> list[Any]:
