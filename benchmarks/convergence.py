@@ -4,7 +4,7 @@
     python -m benchmarks convergence --task lm --methods lora,reflora --lrs 1e-3 --seeds 0 --steps 300
     python -m benchmarks convergence --report                  # aggregate whatever runs exist (no training)
 
-Every run trains a fresh LoRA adapter on SmolLM2-135M-Instruct (fp32) in a
+Every run trains a fresh LoRA adapter on SmolLM2-135M-Instruct in a
 plain PyTorch loop with the method attached through ``reflora_ds.attach``
 (the path the ZeRO equivalence tests pin to the DeepSpeed trainer), and
 writes ``<out>/convergence/<run>.json`` when it ends.  A run whose JSON exists
@@ -15,6 +15,8 @@ with a lock file).
 
 The recipe, fixed before any run (``RECIPE``; the grids in ``STAGES``):
 
+* the frozen base weights in bf16 (a step is 2.4x faster than in fp32 on a
+  CPU with AVX512-BF16); the adapters, AdamW's state and the loss in fp32.
 * r = 16, alpha = 32, dropout 0.05 on q/k/v/up/down; AdamW, weight decay 0,
   gradient clipping 1.0; batch 8; the trainer's schedule: linear learning-rate
   warm-up over 5 % of the steps, then linear decay to 0 at the last step;
@@ -43,11 +45,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,7 @@ class Recipe:
     commonsense_eval_rows: int = 128
     commonsense_test_rows: int = 100  # per test set
     eval_batch: int = 16
+    base_dtype: str = "bfloat16"  # the frozen weights; adapters and optimizer state stay fp32
 
 
 RECIPE = Recipe()
@@ -277,7 +281,7 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partia
     order = np.concatenate([rng.permutation(len(task.train)) for _ in range(-(-needed // len(task.train)))])
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    state = load_partial(partial, spec)
+    state = load_partial(partial, spec, recipe)
     if state is None:
         state = {"step": 0, "curve": [[0, eval_loss(model, task.eval, collate, recipe.eval_batch)]],
                  "train_loss": [], "diagnostics": [], "seconds": 0.0, "cpu_seconds": 0.0}
@@ -315,7 +319,7 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partia
                 diverged = True
                 break
             if partial is not None and step < spec.steps:
-                save_partial(partial, spec, {
+                save_partial(partial, spec, recipe, {
                     "step": step, "curve": curve, "train_loss": train_loss, "diagnostics": diagnostics,
                     "seconds": time.perf_counter() - tic, "cpu_seconds": time.process_time() - cpu,
                     "trainable": {n: p.detach().clone() for n, p in trainable.items()},
@@ -332,16 +336,16 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partia
     }
 
 
-def save_partial(path: Path, spec: RunSpec, state: dict) -> None:
+def save_partial(path: Path, spec: RunSpec, recipe: Recipe, state: dict) -> None:
     """The run's state after an evaluation, replaced in one step (a kill mid-write leaves the previous one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"spec": asdict(spec), **state}, tmp)
+    torch.save({"spec": asdict(spec), "recipe": asdict(recipe), **state}, tmp)
     os.replace(tmp, path)
 
 
-def load_partial(path: Path | None, spec: RunSpec) -> dict | None:
-    """A saved state of this very run, or None.  Only our own files live there; still, nothing is unpickled."""
+def load_partial(path: Path | None, spec: RunSpec, recipe: Recipe) -> dict | None:
+    """A saved state of this very run and recipe, or None.  Only our files live there; still, nothing is unpickled."""
     if path is None or not path.is_file():
         return None
     try:
@@ -349,7 +353,7 @@ def load_partial(path: Path | None, spec: RunSpec) -> dict | None:
     except Exception as exc:  # a damaged file costs the run's progress, not the study
         print(f"{spec.name}: ignoring unreadable {path.name} ({exc.__class__.__name__}); starting over", flush=True)
         return None
-    return state if state.get("spec") == asdict(spec) else None
+    return state if state.get("spec") == asdict(spec) and state.get("recipe") == asdict(recipe) else None
 
 
 def diagnose(step: int, stepper, probe: dict | None) -> dict:
@@ -365,19 +369,23 @@ def diagnose(step: int, stepper, probe: dict | None) -> dict:
 # --- the grid, resumable ------------------------------------------------------------------------------
 
 
-def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str = "cpu", dtype: str = "float32",
+def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str = "cpu", dtype: str | None = None,
              deadline: float | None = None) -> list[Path]:
     """Train every spec whose JSON is not in ``runs_dir`` yet; returns the files written.
 
+    ``dtype``: the base weights' (the recipe's ``base_dtype`` unless given).
     ``deadline`` (a ``time.perf_counter()`` value): start no run after it.
     """
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    recipe = QUICK_RECIPE if quick else RECIPE
+    dtype = dtype or recipe.base_dtype
+    recipe = replace(recipe, base_dtype=dtype)
+    check_folder(runs_dir, recipe)
     pending = [s for s in specs if not (runs_dir / f"{s.name}.json").is_file()]
     print(f"convergence: {len(specs) - len(pending)} of {len(specs)} runs already done", flush=True)
     if not pending:
         return []
-    recipe = QUICK_RECIPE if quick else RECIPE
     base, tokenizer = base_model(quick, dtype)
     base = base.to(device)
     info, commit = machine(), git_commit()
@@ -404,6 +412,16 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str =
                   f"{' (diverged)' if result['diverged'] else ''}, test {result['test']}, {result['seconds']} s",
                   flush=True)
     return written
+
+
+def check_folder(runs_dir: Path, recipe: Recipe) -> None:
+    """Refuse a folder holding runs of another recipe: they would count as done and be mixed into the report."""
+    for path in sorted(runs_dir.glob("*.json")):
+        theirs = json.loads(path.read_text()).get("recipe")
+        if theirs != asdict(recipe):
+            changed = sorted(k for k in asdict(recipe) if (theirs or {}).get(k) != asdict(recipe)[k])
+            raise SystemExit(f"{path} was run with another recipe (differs in: {', '.join(changed)}); "
+                             f"move it to another folder, or give another --out")
 
 
 class claim:

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -187,9 +188,25 @@ def test_convergence_run_resumes_bit_for_bit(tmp_path, monkeypatch):
         assert resumed[key] == whole[key], key
     assert whole["diagnostics"] and len(whole["train_loss"]) == 8
 
-    # A saved state of another run is not picked up.
+    # A saved state of another run, or of this run under another recipe, is not picked up.
     other = study_runs.RunSpec("lm", "lora", 1e-2, seed=0, steps=8, refactor_warmup=0.25)
-    assert study_runs.load_partial(partial, other) is None
+    assert study_runs.load_partial(partial, other, recipe) is None
+    assert study_runs.load_partial(partial, spec, recipe) is not None
+    assert study_runs.load_partial(partial, spec, replace(recipe, base_dtype="float32")) is None
+
+
+def test_convergence_refuses_a_folder_with_runs_of_another_recipe(tmp_path, monkeypatch):
+    """A finished run of another recipe would be skipped as done and mixed into the report: refused, by name."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import convergence as study_runs
+
+    recipe = study_runs.RECIPE
+    ours = tmp_path / "lm-lora-lr0.0001-s0-n300-rw0.05-ri1.json"
+    ours.write_text(json.dumps({"recipe": asdict(recipe)}))
+    study_runs.check_folder(tmp_path, recipe)  # same recipe: fine
+    (tmp_path / "old.json").write_text(json.dumps({"recipe": asdict(replace(recipe, base_dtype="float32"))}))
+    with pytest.raises(SystemExit, match=r"old\.json.*differs in: base_dtype"):
+        study_runs.check_folder(tmp_path, recipe)
 
 
 def torch_load_step(path: Path) -> int:
