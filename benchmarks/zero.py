@@ -124,9 +124,11 @@ def worker() -> None:
     import torch.distributed as dist
 
     from reflora_ds.metrics import quiet_libraries
+    from reflora_ds.zero import release_shm_workspace
 
     quiet_libraries()
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for case in cases():

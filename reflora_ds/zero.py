@@ -29,6 +29,9 @@ reduced, already preconditioned gradient, as with ``optim.attach``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -176,6 +179,29 @@ def _has_moments(opt: torch.optim.Optimizer) -> bool:
 # names whatever a later version no longer has, before training starts.
 
 DEEPSPEED_WRITTEN_FOR = "0.16 to 0.19"
+
+
+def release_shm_workspace() -> None:
+    """Unlink the shared-memory segment DeepSpeed's CPU all-reduce made for this rank (call after init_distributed).
+
+    On the CPU accelerator with every rank on one node, init_distributed()
+    creates one POSIX shared-memory segment per rank (about 69 MB, in RAM) and
+    never unlinks it, so each multi-rank CPU run would leave its segments in
+    /dev/shm until reboot.  Once every rank has mapped its peers' segments
+    (init_distributed has returned everywhere: the barrier) the names can go;
+    the mappings stay valid and the memory is freed when the last rank exits,
+    however it exits.  Every rank takes the same branch, so the barrier cannot
+    hang.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    world = dist.rank_and_world()[1]
+    if get_accelerator().device_name() != "cpu" or int(os.environ.get("LOCAL_SIZE", 0)) != world:
+        return  # DeepSpeed made no segment
+    dist.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.rank_and_world()[0])])
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def client_optimizer(engine) -> torch.optim.Optimizer:

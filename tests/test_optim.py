@@ -45,6 +45,7 @@ def test_preconditioning_equals_refactor_then_step_under_sgd():
     t1, t2 = train(m1, o1, batches), train(m2, o2, batches)
     assert_same_trajectory(t1, t2, rtol=1e-10)
     assert r1.stats["fallbacks"] == 0 and r1.stats["refactored_steps"] == 61
+    assert r2.stats["fallbacks"] == 0 and r2.stats["refactored_steps"] == 61
     # the refactor method really keeps the factors balanced (before each step)
     for pair in find_lora_pairs(m2):
         A, B = pair.A.detach(), pair.B.detach()

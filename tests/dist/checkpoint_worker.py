@@ -42,9 +42,10 @@ def main() -> None:
     import torch.distributed as dist
 
     from reflora_ds import param_groups
-    from reflora_ds.zero import ZeroStepper
+    from reflora_ds.zero import ZeroStepper, release_shm_workspace
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = GLOBAL_MICROS // world
     model = W.build_model()

@@ -156,7 +156,10 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from reflora_ds.zero import release_shm_workspace
+
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_workspace()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for case in json.loads(open(args.cases).read()):

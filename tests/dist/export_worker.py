@@ -62,8 +62,10 @@ def main() -> None:
     from reflora_ds.evaluate import evaluate, inference_mode, results_json
     from reflora_ds.export import export_adapter
     from reflora_ds.models import load_tokenizer, wrap_with_lora
+    from reflora_ds.zero import release_shm_workspace
 
     deepspeed.init_distributed()
+    release_shm_workspace()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = Path(args.out)
     cfg = RunConfig(base_model=args.base, lora_r=4, lora_alpha=8, lora_dropout=0.0)
