@@ -235,3 +235,44 @@ def test_stage_two_is_fixed_and_2b_follows_the_selection_rule(tmp_path, monkeypa
         (tmp_path / f"{spec.name}.json").write_text(json.dumps(record))
     picked = study_runs.stage_specs("2b", tmp_path)
     assert [(s.lr, s.seed, s.refactor_interval) for s in picked] == [(5e-4, 1, 4), (5e-4, 2, 4)]
+
+
+def synthetic_run(method: str, lr: float, seed: int, curve: list[tuple[int, float]], diverged: bool = False) -> dict:
+    return {"task": "lm", "method": method, "lr": lr, "seed": seed, "steps": curve[-1][0], "refactor_warmup": 0.05,
+            "refactor_interval": 1, "eval_curve": [list(p) for p in curve], "diagnostics": [], "test": {},
+            "seconds": 1.0, "fallbacks": 0, "diverged": diverged}
+
+
+def test_study_statistics_against_hand_computed_values(monkeypatch):
+    """Best lr, the paired t interval, its verdict, steps to LoRA's final loss and the area, on made-up curves."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import study
+
+    lora = [synthetic_run("lora", 1e-3, s, [(0, 4.0), (100, 3.0 + d)]) for s, d in enumerate((0.0, 0.1, 0.2))]
+    worse_lr = [synthetic_run("lora", 1e-2, s, [(0, 4.0), (100, 3.5)]) for s in range(3)]
+    diverged = [synthetic_run("reflora", 1e-2, 0, [(0, 4.0), (50, math.nan)], diverged=True)]
+    # RefLoRA is 0.2, 0.3, 0.1 below LoRA seed by seed, and at step 50 already at 3.0 + its offset.
+    offsets = (-0.2, -0.3, -0.1)
+    reflora = [synthetic_run("reflora", 1e-3, s, [(0, 4.0), (50, 3.0 + d), (100, 3.0 + d + o)])
+               for s, (d, o) in enumerate(zip((0.0, 0.1, 0.2), offsets))]
+    summary = study.summarise_task(lora + worse_lr + diverged + reflora)
+
+    assert summary["best_lr"] == {"lora": 1e-3, "reflora": 1e-3}  # the diverged lr counts as infinite
+    cmp = summary["variants"]["reflora"]["vs_lora"]
+    mean, sd = -0.2, 0.1  # of the paired differences (-0.2, -0.3, -0.1)
+    half = 4.303 * sd / math.sqrt(3)
+    assert cmp["final_diff"]["mean"] == pytest.approx(mean)
+    assert (cmp["final_diff"]["low"], cmp["final_diff"]["high"]) == pytest.approx((mean - half, mean + half))
+    assert cmp["verdict"] == "indistinguishable"  # -0.2 ± 0.248 straddles 0
+    # LoRA's final mean is 3.1; RefLoRA's mean curve is 4.0, 3.1, 2.9 at steps 0, 50, 100: it gets there at 50.
+    assert cmp["steps_to_lora_final"] == pytest.approx(50.0) and cmp["fraction_of_budget"] == pytest.approx(0.5)
+    # Area: LoRA seed 0 is (4 + 3) / 2 = 3.5; RefLoRA seed 0 is ((4 + 3) / 2 + (3 + 2.8) / 2) / 2 = 3.2.
+    assert study.area(lora[0]) == pytest.approx(3.5) and study.area(reflora[0]) == pytest.approx(3.2)
+
+    targets = study.claim_targets({"tasks": {"lm": summary}})
+    assert [t["met"] for t in targets] == [True, False]  # 0.5 ≤ 0.7; the interval's top is above 0
+
+    # One seed decides nothing: both targets stay unmeasured.
+    one = study.summarise_task([lora[0], reflora[0]])
+    assert one["variants"]["reflora"]["vs_lora"]["verdict"] == "too few seeds"
+    assert [t["met"] for t in study.claim_targets({"tasks": {"lm": one}})] == [None, None]
