@@ -195,12 +195,12 @@ def release_shm_workspace() -> None:
     """
     from deepspeed.accelerator import get_accelerator
 
-    world = dist.rank_and_world()[1]
+    rank, world = dist.rank_and_world()
     if get_accelerator().device_name() != "cpu" or int(os.environ.get("LOCAL_SIZE", 0)) != world:
         return  # DeepSpeed made no segment
     dist.barrier()
     name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), str(dist.rank_and_world()[0])])
+                     os.environ.get("MASTER_PORT", ""), str(rank)])
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
