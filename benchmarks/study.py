@@ -137,6 +137,14 @@ def best_lr(by_lr: dict[float, list[dict]]) -> float:
     return min(by_lr, key=lambda lr: statistics.fmean(final_loss(r) for r in by_lr[lr]))
 
 
+def grid_edge(lrs, best: float) -> str | None:
+    """"highest"/"lowest" when the best lr is at an end of a grid of three or more: the optimum may lie beyond."""
+    lrs = sorted(lrs)
+    if len(lrs) < 3:
+        return None
+    return "highest" if best == lrs[-1] else "lowest" if best == lrs[0] else None
+
+
 def summarise_task(runs: list[dict]) -> dict:
     cells: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
@@ -151,7 +159,7 @@ def summarise_task(runs: list[dict]) -> dict:
         rs = by_lr[best[v]]
         steps, mean, low, high = mean_curve(rs)
         entry = {
-            "lr": best[v], "seeds": sorted(r["seed"] for r in rs), "final": _mean_std([final_loss(r) for r in rs]),
+            "lr": best[v], "lr_edge": grid_edge(by_lr, best[v]), "seeds": sorted(r["seed"] for r in rs), "final": _mean_std([final_loss(r) for r in rs]),
             "auc": _mean_std([area(r) for r in rs]), "curve": {"steps": steps, "mean": mean, "min": low, "max": high},
             "test": test_summary(rs), "diagnostics": diagnostics_curve(rs),
             "budget": rs[0]["steps"], "seconds": statistics.fmean(r["seconds"] for r in rs),
@@ -291,7 +299,8 @@ def show(record: dict) -> None:
             e = s["variants"][v]
             cmp = e.get("vs_lora", {})
             test = e["test"].get("accuracy") or e["test"].get("loss")
-            rows.append([v, f"{e['lr']:g}", len(e["seeds"]), _pm(e["final"]),
+            edge = f" ({e['lr_edge']} tried)" if e.get("lr_edge") else ""
+            rows.append([v, f"{e['lr']:g}{edge}", len(e["seeds"]), _pm(e["final"]),
                          _ci(cmp["final_diff"]) if cmp else "-", cmp.get("verdict", "-"),
                          "-" if not cmp else ("not reached" if cmp["steps_to_lora_final"] is None else
                                               f"{cmp['steps_to_lora_final']:.0f} ({cmp['fraction_of_budget']:.2f})"),

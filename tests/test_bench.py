@@ -276,3 +276,12 @@ def test_study_statistics_against_hand_computed_values(monkeypatch):
     one = study.summarise_task([lora[0], reflora[0]])
     assert one["variants"]["reflora"]["vs_lora"]["verdict"] == "too few seeds"
     assert [t["met"] for t in study.claim_targets({"tasks": {"lm": one}})] == [None, None]
+
+    # A best lr at an end of a grid of three is flagged (the optimum may lie beyond); inside it, or with two, not.
+    assert summary["variants"]["lora"]["lr_edge"] is None  # two learning rates only
+    low = [synthetic_run("lora", 1e-4, s, [(0, 4.0), (100, 3.3)]) for s in range(3)]
+    assert study.summarise_task(lora + worse_lr + low)["variants"]["lora"]["lr_edge"] is None
+    best_low = [synthetic_run("lora", 1e-4, s, [(0, 4.0), (100, 2.0)]) for s in range(3)]
+    assert study.summarise_task(lora + worse_lr + best_low)["variants"]["lora"]["lr_edge"] == "lowest"
+    best_high = [synthetic_run("lora", 1e-2, s, [(0, 4.0), (100, 2.0)]) for s in range(3)]
+    assert study.summarise_task(lora + low + best_high)["variants"]["lora"]["lr_edge"] == "highest"
