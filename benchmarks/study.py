@@ -159,7 +159,8 @@ def summarise_task(runs: list[dict]) -> dict:
         rs = by_lr[best[v]]
         steps, mean, low, high = mean_curve(rs)
         entry = {
-            "lr": best[v], "lr_edge": grid_edge(by_lr, best[v]), "seeds": sorted(r["seed"] for r in rs), "final": _mean_std([final_loss(r) for r in rs]),
+            "lr": best[v], "lr_edge": grid_edge(by_lr, best[v]), "seeds": sorted(r["seed"] for r in rs),
+            "final": _mean_std([final_loss(r) for r in rs]),
             "auc": _mean_std([area(r) for r in rs]), "curve": {"steps": steps, "mean": mean, "min": low, "max": high},
             "test": test_summary(rs), "diagnostics": diagnostics_curve(rs),
             "budget": rs[0]["steps"], "seconds": statistics.fmean(r["seconds"] for r in rs),

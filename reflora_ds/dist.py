@@ -134,13 +134,16 @@ def init_from_launcher() -> None:
 
 
 def start_deepspeed() -> tuple[int, int]:
-    """The DeepSpeed world of this process (launched or alone): its device set, (rank, world)."""
+    """The DeepSpeed world of this process (launched or alone), its device set and no /dev/shm left: (rank, world)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from .zero import release_shm_workspace  # DeepSpeed's internals live in zero.py (which imports this module)
 
     ensure_launcher_env()
     get_accelerator().set_device(local_rank())
     deepspeed.init_distributed()
+    release_shm_workspace()
     return rank_and_world()
 
 

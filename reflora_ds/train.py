@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, best, builders, checkpoint, data, dist, ds_config, evaluate, export, metrics, stops, zero
+from . import atomic, best, builders, checkpoint, data, dist, ds_config, evaluate, export, metrics, stops
 from .checkpoint import TrainerState
 from .config import ConfigError, RunConfig, check_files, dump_config
 
@@ -97,7 +97,6 @@ def prepare(cfg: RunConfig):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     metrics.quiet_libraries()
     rank, world = dist.start_deepspeed()
-    zero.release_shm_workspace()
     ds = ds_config.resolve(cfg, world)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # also seeds every CUDA device
