@@ -29,7 +29,7 @@ import json
 import math
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from reflora_ds.methods import REGISTRY
@@ -222,6 +222,7 @@ def report(out: Path, quick: bool, planned: list, suite: str = "convergence", ru
     results = {
         "planned_stage1": len(planned), "done_of_stage1": sum(s.name in done for s in planned), "runs": len(runs),
         "cpu_hours": round(sum(r["cpu_seconds"] for r in runs) / 3600, 2),
+        "software": software(runs),
         "tasks": {task: summarise_task(rs) for task, rs in sorted(by_task.items())},
     }
     recipe = runs[0]["recipe"] if runs else {}
@@ -238,6 +239,12 @@ def report(out: Path, quick: bool, planned: list, suite: str = "convergence", ru
         plot_diagnostics(results, out, suite)
     show(record)
     return record
+
+
+def software(runs: list[dict]) -> dict[str, int]:
+    """How many runs each set of library versions trained (runs spanning upgrades stay visible as such)."""
+    return dict(Counter(", ".join(f"{k} {v}" for k, v in sorted(r["machine"]["versions"].items()))
+                        for r in runs).most_common())
 
 
 def claim_targets(results: dict) -> list[dict]:
@@ -290,6 +297,8 @@ def show(record: dict) -> None:
     res = record["results"]
     print_table("runs in", ["planned (stage 1)", "done of them", "runs in all", "CPU hours"],
                 [[res["planned_stage1"], res["done_of_stage1"], res["runs"], res["cpu_hours"]]])
+    print_table("library versions the runs were trained with", ["versions", "runs"],
+                [[versions, n] for versions, n in res.get("software", {}).items()])
     for task, s in res["tasks"].items():
         lrs = sorted({lr for cells in s["grid"].values() for lr in cells}, key=float)
         rows = [[v] + [(lambda c: f"{_pm(c)} ({len(c['seeds'])})" if c else "-")(s["grid"][v].get(lr))

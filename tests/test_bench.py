@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,8 @@ def test_convergence_quick(tmp_path):
     assert run["eval_curve"][0][0] == 0 and run["eval_curve"][-1][0] == run["steps"]
     results = record["results"]
     assert results["done_of_stage1"] == results["planned_stage1"] == 12
+    assert list(results["software"].values()) == [12]  # one machine, one set of versions
+    assert f"torch {version('torch')}" in next(iter(results["software"]))
     for task in ("lm", "commonsense"):
         variants = results["tasks"][task]["variants"]
         assert set(variants) == {"lora", "reflora@rw0.34", "reflora_s@rw0.34"}
