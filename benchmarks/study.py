@@ -92,6 +92,19 @@ def mean_curve(runs: list[dict]) -> tuple[list[int], list[float], list[float], l
     return steps, [statistics.fmean(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
 
 
+def paired_diff_curve(runs: list[dict], lora: list[dict]) -> dict:
+    """Per evaluation step, the run's loss minus LoRA's of the same seed: mean, min and max over the seeds."""
+    by_seed = {r["seed"]: r for r in lora if not r["diverged"]}
+    pairs = [(r, by_seed[r["seed"]]) for r in runs if not r["diverged"] and r["seed"] in by_seed]
+    if not pairs:
+        return {"steps": [], "mean": [], "min": [], "max": [], "n": 0}
+    curves = [(dict(map(tuple, a["eval_curve"])), dict(map(tuple, b["eval_curve"]))) for a, b in pairs]
+    steps = sorted(set.intersection(*(set(a) & set(b) for a, b in curves)))  # evaluated in every run of both
+    columns = [[a[step] - b[step] for a, b in curves] for step in steps]
+    return {"steps": steps, "mean": [statistics.fmean(c) for c in columns], "min": [min(c) for c in columns],
+            "max": [max(c) for c in columns], "n": len(pairs)}
+
+
 def step_reaching(steps: list[int], losses: list[float], level: float) -> float | None:
     """First step at which the curve is at or below ``level``, linear between points."""
     for i, (s, v) in enumerate(zip(steps, losses)):
@@ -172,6 +185,7 @@ def summarise_task(runs: list[dict]) -> dict:
                 "lora_lr": best["lora"], "lora_final": lora_final,
                 "final_diff": interval([final_loss(a) - final_loss(b) for a, b in pairs]),
                 "auc_diff": interval([area(a) - area(b) for a, b in pairs]),
+                "diff_curve": paired_diff_curve(rs, lora),
             }
             entry["vs_lora"]["verdict"] = verdict(entry["vs_lora"]["final_diff"])
             reached = step_reaching(steps, mean, lora_final) if math.isfinite(lora_final) else None
@@ -335,7 +349,7 @@ def show(record: dict) -> None:
 def plot_curves(results: dict, out: Path, name: str) -> None:
     plt = pyplot()
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(tasks), figsize=(6 * len(tasks), 12), squeeze=False)
     for col, task in enumerate(tasks):
         s = results["tasks"][task]
         ax = axes[0][col]
@@ -351,7 +365,21 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
         ax.set_ylabel("eval loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        # The differences are small against the fall of the loss: show them paired by seed, on their own scale.
         ax = axes[1][col]
+        ax.axhline(0.0, color="C0", lw=1.0, label="LoRA")
+        for i, v in enumerate(_order(s["variants"])):
+            d = s["variants"][v].get("vs_lora", {}).get("diff_curve")
+            if not d or not d["steps"]:
+                continue
+            ax.plot(d["steps"], d["mean"], "-", color=f"C{i}", lw=1.5, label=f"{LABELS.get(v, v)} ({d['n']} seeds)")
+            ax.fill_between(d["steps"], d["min"], d["max"], color=f"C{i}", alpha=0.2)
+        ax.set_title(f"{task}: eval loss − LoRA's, same seed, best lr each (mean, band = min–max)", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("difference (below 0: ahead of LoRA)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = axes[2][col]
         for i, v in enumerate(_order(s["grid"])):
             pts = sorted((float(lr), c["mean"]) for lr, c in s["grid"][v].items() if math.isfinite(c["mean"]))
             if pts:

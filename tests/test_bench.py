@@ -269,6 +269,11 @@ def test_study_statistics_against_hand_computed_values(monkeypatch):
     assert cmp["verdict"] == "indistinguishable"  # -0.2 ± 0.248 straddles 0
     # LoRA's final mean is 3.1; RefLoRA's mean curve is 4.0, 3.1, 2.9 at steps 0, 50, 100: it gets there at 50.
     assert cmp["steps_to_lora_final"] == pytest.approx(50.0) and cmp["fraction_of_budget"] == pytest.approx(0.5)
+    # Paired by seed at the steps both evaluated (0 and 100): 0 at the start, then the offsets.
+    diff = cmp["diff_curve"]
+    assert diff["steps"] == [0, 100] and diff["n"] == 3
+    assert diff["mean"] == pytest.approx([0.0, -0.2]) and diff["min"] == pytest.approx([0.0, -0.3])
+    assert diff["max"] == pytest.approx([0.0, -0.1])
     # Area: LoRA seed 0 is (4 + 3) / 2 = 3.5; RefLoRA seed 0 is ((4 + 3) / 2 + (3 + 2.8) / 2) / 2 = 3.2.
     assert study.area(lora[0]) == pytest.approx(3.5) and study.area(reflora[0]) == pytest.approx(3.2)
 
