@@ -165,7 +165,8 @@ def summarise_task(runs: list[dict]) -> dict:
     grid = {v: {f"{lr:g}": {**_mean_std([final_loss(r) for r in rs]), "seeds": sorted(r["seed"] for r in rs)}
                 for lr, rs in sorted(by_lr.items())} for v, by_lr in cells.items()}
     best = {v: best_lr(by_lr) for v, by_lr in cells.items()}
-    out = {"grid": grid, "best_lr": {v: lr for v, lr in best.items()}, "variants": {}}
+    out = {"grid": grid, "best_lr": {v: lr for v, lr in best.items()}, "variants": {},
+           "by_lr": gradient_scaling_by_lr(cells)}
     lora = cells["lora"][best["lora"]] if "lora" in cells else None
     lora_final = statistics.fmean(final_loss(r) for r in lora) if lora else None
     for v, by_lr in cells.items():
@@ -195,6 +196,26 @@ def summarise_task(runs: list[dict]) -> dict:
     return out
 
 
+def gradient_scaling_by_lr(cells: dict[str, dict[float, list[dict]]], early: int = 50) -> dict:
+    """For each variant that rescales gradients, at every learning rate: the factors' imbalance, B's gradient
+    scaling and Adam's estimated step on B (at step ``early`` and at the end), beside the final-loss gap to
+    LoRA at the same learning rate and seed.  What explains a gap that grows or shrinks with the lr."""
+    out: dict[str, dict[str, dict]] = {}
+    for v, by_lr in cells.items():
+        for lr, rs in sorted(by_lr.items()):
+            d = diagnostics_curve(rs)
+            if not d or all(x is None for x in d["grad_ratio_B"]):
+                continue  # LoRA: nothing rescales its gradients
+            at = lambda key, step: next((x for s, x in zip(d["steps"], d[key]) if s >= step), None)  # noqa: E731
+            lora = {r["seed"]: r for r in cells.get("lora", {}).get(lr, [])}
+            gaps = [final_loss(r) - final_loss(lora[r["seed"]]) for r in rs if r["seed"] in lora]
+            out.setdefault(v, {})[f"{lr:g}"] = {
+                "imbalance": d["imbalance"][-1], "grad_ratio_B": d["grad_ratio_B"][-1],
+                "adam_step_B_early": at("adam_step_B", early), "adam_step_B_end": d["adam_step_B"][-1],
+                "final_minus_lora": statistics.fmean(gaps) if gaps else None, "pairs": len(gaps)}
+    return out
+
+
 def test_summary(runs: list[dict]) -> dict:
     out = {}
     for key in ("accuracy", "loss"):
@@ -205,6 +226,30 @@ def test_summary(runs: list[dict]) -> dict:
 
 
 DIAG_KEYS = ("imbalance", "cond_S", "grad_ratio_A", "grad_ratio_B")
+ADAM_BETA2 = 0.999  # torch.optim.AdamW's default, which every run uses
+
+
+def adam_step_scale(onset: int, logged: list[tuple[int, float]], beta2: float = ADAM_BETA2) -> list[float]:
+    """Estimated factor by which a gradient rescaling changes Adam's step, at each logged step.
+
+    A method that multiplies a factor's gradient by ``ratio`` from step ``onset + 1`` on (``logged``:
+    (step, ratio) pairs after the onset, held constant between them) changes Adam's step at step t by
+    ratio(t) / sqrt(v(t)), where v(t) is Adam's bias-corrected average of ratio² up to t (ratio 1 up to the
+    onset).  A model, not a measurement: it takes the raw gradient's scale as constant.  It shows how
+    long Adam's second moment remembers the gradients from before the refactor started.
+    """
+    if not logged:
+        return []
+    ratio_at, out = dict(logged), []
+    weighted = weight = 0.0
+    current = logged[0][1]  # the steps between the onset and the first log take the first logged ratio
+    for t in range(1, logged[-1][0] + 1):
+        ratio = 1.0 if t <= onset else ratio_at.get(t, current)
+        current = ratio if t > onset else current
+        weighted, weight = beta2 * weighted + (1 - beta2) * ratio**2, beta2 * weight + (1 - beta2)
+        if t in ratio_at:
+            out.append(ratio / math.sqrt(weighted / weight))
+    return out
 
 
 def diagnostics_curve(runs: list[dict]) -> dict:
@@ -222,6 +267,14 @@ def diagnostics_curve(runs: list[dict]) -> dict:
             values = [v["median"] for v in values if v]
             column.append(statistics.fmean(values) if values else None)
         out[key] = column
+    for side in "AB":  # Adam's step on each factor, against the same gradient unscaled (a model: see above)
+        curves = []
+        for r in finished:
+            logged = [(d["step"], d[f"grad_ratio_{side}"]["median"]) for d in r["diagnostics"][:n]
+                      if d.get(f"grad_ratio_{side}")]
+            scales = dict(zip((s for s, _ in logged), adam_step_scale(r["refactor_warmup_steps"], logged)))
+            curves.append([scales.get(step) for step in out["steps"]])
+        out[f"adam_step_{side}"] = [statistics.fmean(c) if None not in c else None for c in zip(*curves)]
     return out
 
 
@@ -343,6 +396,14 @@ def show(record: dict) -> None:
                          _fmt(last("grad_ratio_B"), 3), _fmt(d["fallbacks"], 1)])
         print_table(f"{task}: diagnostics at the last logged step (layer median, seed mean; best lr)",
                     ["variant", "‖AAᵀ−BᵀB‖/‖BA‖", "cond(S)", "‖S⁻¹∇A‖/‖∇A‖", "‖∇B·S‖/‖∇B‖", "fallbacks"], rows)
+        rows = [[v, lr, _fmt(c["imbalance"], 2), _fmt(c["grad_ratio_B"], 3), _fmt(c["adam_step_B_early"], 2),
+                 _fmt(c["adam_step_B_end"], 2),
+                 "-" if c["final_minus_lora"] is None else f"{c['final_minus_lora']:+.4f} ({c['pairs']})"]
+                for v in _order(s.get("by_lr", {})) for lr, c in s["by_lr"][v].items()]
+        print_table(f"{task}: gradient scaling and Adam's step on B by learning rate (seed mean; the step is a "
+                    f"model's estimate, see study.adam_step_scale)",
+                    ["variant", "lr", "imbalance (end)", "‖∇B·S‖/‖∇B‖ (end)", "Adam step on B, step 50",
+                     "Adam step on B, end", "final − LoRA's, same lr (pairs)"], rows)
     print_targets(record["targets"])
 
 
@@ -395,13 +456,13 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
 def plot_diagnostics(results: dict, out: Path, name: str) -> None:
     plt = pyplot()
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(len(tasks), len(DIAG_KEYS), figsize=(4.2 * len(DIAG_KEYS), 3.4 * len(tasks)),
-                             squeeze=False)
+    keys = DIAG_KEYS + ("adam_step_B",)
+    fig, axes = plt.subplots(len(tasks), len(keys), figsize=(4.2 * len(keys), 3.4 * len(tasks)), squeeze=False)
     titles = {"imbalance": "‖AAᵀ−BᵀB‖_F / ‖BA‖_F", "cond_S": "cond(S)", "grad_ratio_A": "‖S⁻¹∇A‖ / ‖∇A‖",
-              "grad_ratio_B": "‖∇B·S‖ / ‖∇B‖"}
+              "grad_ratio_B": "‖∇B·S‖ / ‖∇B‖", "adam_step_B": "Adam's step on B, est. (1 = as unscaled)"}
     for row, task in enumerate(tasks):
         s = results["tasks"][task]
-        for col, key in enumerate(DIAG_KEYS):
+        for col, key in enumerate(keys):
             ax = axes[row][col]
             for i, v in enumerate(_order(s["variants"])):
                 d = s["variants"][v]["diagnostics"]
@@ -409,7 +470,7 @@ def plot_diagnostics(results: dict, out: Path, name: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts), "-", color=f"C{i}", lw=1.2, label=LABELS.get(v, v))
             ax.set_yscale("log")
-            ax.set_title(f"{task}: {titles[key]} (layer median)", fontsize=8)
+            ax.set_title(f"{task}: {titles[key]}" + ("" if key.startswith("adam") else " (layer median)"), fontsize=8)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)

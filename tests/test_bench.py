@@ -89,6 +89,8 @@ def test_convergence_quick(tmp_path):
         assert cmp["final_diff"]["n"] == 2 and cmp["verdict"] in ("faster", "slower", "indistinguishable")
         diag = variants["reflora@rw0.34"]["diagnostics"]
         assert all(finite_positive(x) for x in diag["imbalance"] + diag["cond_S"] + diag["grad_ratio_A"][1:])
+        assert all(finite_positive(x) for x in diag["adam_step_B"] if x is not None) and diag["adam_step_B"][-1]
+        assert set(results["tasks"][task]["by_lr"]) == {"reflora@rw0.34", "reflora_s@rw0.34"}  # not LoRA
     assert 0.0 <= results["tasks"]["commonsense"]["variants"]["lora"]["test"]["accuracy"]["mean"] <= 1.0
 
     # Resumable: a second call finds every run done and trains nothing.
@@ -244,6 +246,23 @@ def synthetic_run(method: str, lr: float, seed: int, curve: list[tuple[int, floa
     return {"task": "lm", "method": method, "lr": lr, "seed": seed, "steps": curve[-1][0], "refactor_warmup": 0.05,
             "refactor_interval": 1, "eval_curve": [list(p) for p in curve], "diagnostics": [], "test": {},
             "seconds": 1.0, "fallbacks": 0, "diverged": diverged}
+
+
+def test_adam_step_scale_against_hand_computed_values(monkeypatch):
+    """The model of how Adam's second moment meets a gradient rescaling that starts mid-run."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import study
+
+    # beta2 = 0.5: the bias-corrected weights of steps 1..t are 0.5^(t-i+1) / (1 - 0.5^t).
+    v3 = (0.125 + 0.25 + 0.5 * 0.1**2) / 0.875  # ratio 1 at steps 1-2, 0.1 from step 3
+    v5 = (0.03125 + 0.0625 + (0.125 + 0.25) * 0.1**2 + 0.5 * 0.2**2) / 0.96875  # 0.1 held at step 4
+    scales = study.adam_step_scale(2, [(3, 0.1), (5, 0.2)], beta2=0.5)
+    assert scales == pytest.approx([0.1 / math.sqrt(v3), 0.2 / math.sqrt(v5)])
+    # Adam is blind to a rescaling in force from the first step, and to none at all.
+    assert study.adam_step_scale(0, [(5, 7.0), (10, 7.0)]) == pytest.approx([1.0, 1.0])
+    assert study.adam_step_scale(15, [(20, 1.0)]) == pytest.approx([1.0])
+    # A shrink that starts late is remembered: the step is far below the ratio's own long-run effect (1).
+    assert study.adam_step_scale(15, [(20, 0.05), (300, 0.05)])[0] < 0.1
 
 
 def test_study_statistics_against_hand_computed_values(monkeypatch):
