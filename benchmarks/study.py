@@ -415,31 +415,18 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
         s = results["tasks"][task]
         ax = axes[0][col]
         for i, v in enumerate(_order(s["variants"])):
-            c = s["variants"][v]["curve"]
-            if not c["steps"]:
-                continue
-            ax.plot(c["steps"], c["mean"], "-", color=f"C{i}", lw=1.5,
-                    label=f"{LABELS.get(v, v)} lr {s['variants'][v]['lr']:g} ({len(s['variants'][v]['seeds'])} seeds)")
-            ax.fill_between(c["steps"], c["min"], c["max"], color=f"C{i}", alpha=0.2)
-        ax.set_title(f"{task}: eval loss at each one's best lr (mean, band = seed min–max)", fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("eval loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            e = s["variants"][v]
+            _band(ax, e["curve"], i, f"{LABELS.get(v, v)} lr {e['lr']:g} ({len(e['seeds'])} seeds)")
+        _dress(ax, f"{task}: eval loss at each one's best lr (mean, band = seed min–max)", "eval loss")
         # The differences are small against the fall of the loss: show them paired by seed, on their own scale.
         ax = axes[1][col]
         ax.axhline(0.0, color="C0", lw=1.0, label="LoRA")
         for i, v in enumerate(_order(s["variants"])):
             d = s["variants"][v].get("vs_lora", {}).get("diff_curve")
-            if not d or not d["steps"]:
-                continue
-            ax.plot(d["steps"], d["mean"], "-", color=f"C{i}", lw=1.5, label=f"{LABELS.get(v, v)} ({d['n']} seeds)")
-            ax.fill_between(d["steps"], d["min"], d["max"], color=f"C{i}", alpha=0.2)
-        ax.set_title(f"{task}: eval loss − LoRA's, same seed, best lr each (mean, band = min–max)", fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("difference (below 0: ahead of LoRA)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            if d:
+                _band(ax, d, i, f"{LABELS.get(v, v)} ({d['n']} seeds)")
+        _dress(ax, f"{task}: eval loss − LoRA's, same seed, best lr each (mean, band = min–max)",
+               "difference (below 0: ahead of LoRA)")
         ax = axes[2][col]
         for i, v in enumerate(_order(s["grid"])):
             pts = sorted((float(lr), c["mean"]) for lr, c in s["grid"][v].items() if math.isfinite(c["mean"]))
@@ -451,6 +438,21 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, out, name)
+
+
+def _band(ax, curve: dict, color: int, label: str) -> None:
+    """A mean curve with its min–max band (nothing when the curve is empty)."""
+    if curve["steps"]:
+        ax.plot(curve["steps"], curve["mean"], "-", color=f"C{color}", lw=1.5, label=label)
+        ax.fill_between(curve["steps"], curve["min"], curve["max"], color=f"C{color}", alpha=0.2)
+
+
+def _dress(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_diagnostics(results: dict, out: Path, name: str) -> None:
