@@ -92,10 +92,9 @@ def mean_curve(runs: list[dict]) -> tuple[list[int], list[float], list[float], l
     return steps, [statistics.fmean(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
 
 
-def paired_diff_curve(runs: list[dict], lora: list[dict]) -> dict:
-    """Per evaluation step, the run's loss minus LoRA's of the same seed: mean, min and max over the seeds."""
-    by_seed = {r["seed"]: r for r in lora if not r["diverged"]}
-    pairs = [(r, by_seed[r["seed"]]) for r in runs if not r["diverged"] and r["seed"] in by_seed]
+def paired_diff_curve(pairs: list[tuple[dict, dict]]) -> dict:
+    """Per evaluation step, a run's loss minus its LoRA partner's (same seed): mean, min and max over the pairs."""
+    pairs = [(a, b) for a, b in pairs if not a["diverged"] and not b["diverged"]]
     if not pairs:
         return {"steps": [], "mean": [], "min": [], "max": [], "n": 0}
     curves = [(dict(map(tuple, a["eval_curve"])), dict(map(tuple, b["eval_curve"]))) for a, b in pairs]
@@ -186,7 +185,7 @@ def summarise_task(runs: list[dict]) -> dict:
                 "lora_lr": best["lora"], "lora_final": lora_final,
                 "final_diff": interval([final_loss(a) - final_loss(b) for a, b in pairs]),
                 "auc_diff": interval([area(a) - area(b) for a, b in pairs]),
-                "diff_curve": paired_diff_curve(rs, lora),
+                "diff_curve": paired_diff_curve(pairs),
             }
             entry["vs_lora"]["verdict"] = verdict(entry["vs_lora"]["final_diff"])
             reached = step_reaching(steps, mean, lora_final) if math.isfinite(lora_final) else None
@@ -244,8 +243,9 @@ def adam_step_scale(onset: int, logged: list[tuple[int, float]], beta2: float = 
     weighted = weight = 0.0
     current = logged[0][1]  # the steps between the onset and the first log take the first logged ratio
     for t in range(1, logged[-1][0] + 1):
-        ratio = 1.0 if t <= onset else ratio_at.get(t, current)
-        current = ratio if t > onset else current
+        if t > onset:
+            current = ratio_at.get(t, current)
+        ratio = current if t > onset else 1.0
         weighted, weight = beta2 * weighted + (1 - beta2) * ratio**2, beta2 * weight + (1 - beta2)
         if t in ratio_at:
             out.append(ratio / math.sqrt(weighted / weight))
