@@ -124,10 +124,12 @@ def worker() -> None:
     import torch.distributed as dist
 
     from reflora_ds.metrics import quiet_libraries
+    from reflora_ds.dist import leave_gloo_group_at_exit
     from reflora_ds.zero import release_shm_workspace
 
     quiet_libraries()
     deepspeed.init_distributed(dist_backend="gloo")
+    leave_gloo_group_at_exit()
     release_shm_workspace()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []

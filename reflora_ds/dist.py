@@ -12,7 +12,9 @@ live in zero.py alone.)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -131,6 +133,25 @@ def init_from_launcher() -> None:
     """Join the process group a launcher (deepspeed, torchrun) describes; nothing to do for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        leave_gloo_group_at_exit()
+
+
+@functools.cache  # one handler per process, however many runs it starts
+def leave_gloo_group_at_exit() -> None:
+    """Destroy a gloo process group when the interpreter exits, while Python is still whole (call after joining).
+
+    Left to the interpreter's own teardown, gloo's worker threads may still hold
+    the tensors of finished async collectives (ZeRO's reduce-scatters); freeing
+    them then aborts the process with SIGABRT ("terminate called without an
+    active exception"), and a launch whose every step succeeded fails.  NCCL
+    groups are left alone: destroying one whose peer has died can block.
+    """
+    atexit.register(_destroy_gloo_group)
+
+
+def _destroy_gloo_group() -> None:
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_backend() == "gloo":
+        tdist.destroy_process_group()
 
 
 def start_deepspeed() -> tuple[int, int]:
@@ -143,6 +164,7 @@ def start_deepspeed() -> tuple[int, int]:
     ensure_launcher_env()
     get_accelerator().set_device(local_rank())
     deepspeed.init_distributed()
+    leave_gloo_group_at_exit()
     release_shm_workspace()
     return rank_and_world()
 

@@ -42,9 +42,11 @@ def main() -> None:
     import torch.distributed as dist
 
     from reflora_ds import param_groups
+    from reflora_ds.dist import leave_gloo_group_at_exit
     from reflora_ds.zero import ZeroStepper, release_shm_workspace
 
     deepspeed.init_distributed(dist_backend="gloo")
+    leave_gloo_group_at_exit()
     release_shm_workspace()
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = GLOBAL_MICROS // world

@@ -62,9 +62,11 @@ def main() -> None:
     from reflora_ds.evaluate import evaluate, inference_mode, results_json
     from reflora_ds.export import export_adapter
     from reflora_ds.models import load_tokenizer, wrap_with_lora
+    from reflora_ds.dist import leave_gloo_group_at_exit
     from reflora_ds.zero import release_shm_workspace
 
     deepspeed.init_distributed()
+    leave_gloo_group_at_exit()
     release_shm_workspace()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = Path(args.out)
