@@ -120,18 +120,13 @@ def worker() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    import deepspeed
     import torch.distributed as dist
 
+    from reflora_ds.dist import start_deepspeed
     from reflora_ds.metrics import quiet_libraries
-    from reflora_ds.dist import leave_gloo_group_at_exit
-    from reflora_ds.zero import release_shm_workspace
 
     quiet_libraries()
-    deepspeed.init_distributed(dist_backend="gloo")
-    leave_gloo_group_at_exit()
-    release_shm_workspace()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_deepspeed(backend="gloo")
     results = []
     for case in cases():
         try:

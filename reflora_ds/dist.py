@@ -154,8 +154,11 @@ def _destroy_gloo_group() -> None:
         tdist.destroy_process_group()
 
 
-def start_deepspeed() -> tuple[int, int]:
-    """The DeepSpeed world of this process (launched or alone), its device set and no /dev/shm left: (rank, world)."""
+def start_deepspeed(backend: str | None = None) -> tuple[int, int]:
+    """The DeepSpeed world of this process (launched or alone), its device set and no /dev/shm left: (rank, world).
+
+    ``backend`` None lets DeepSpeed choose for the accelerator (gloo on CPU).
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -163,7 +166,7 @@ def start_deepspeed() -> tuple[int, int]:
 
     ensure_launcher_env()
     get_accelerator().set_device(local_rank())
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(dist_backend=backend)
     leave_gloo_group_at_exit()
     release_shm_workspace()
     return rank_and_world()

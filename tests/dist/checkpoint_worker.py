@@ -42,13 +42,10 @@ def main() -> None:
     import torch.distributed as dist
 
     from reflora_ds import param_groups
-    from reflora_ds.dist import leave_gloo_group_at_exit
-    from reflora_ds.zero import ZeroStepper, release_shm_workspace
+    from reflora_ds.dist import start_deepspeed
+    from reflora_ds.zero import ZeroStepper
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    leave_gloo_group_at_exit()
-    release_shm_workspace()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_deepspeed(backend="gloo")
     accum = GLOBAL_MICROS // world
     model = W.build_model()
     cfg = W.method_config(args.method)

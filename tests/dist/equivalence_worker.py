@@ -153,16 +153,11 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
-    import deepspeed
     import torch.distributed as dist
 
-    from reflora_ds.dist import leave_gloo_group_at_exit
-    from reflora_ds.zero import release_shm_workspace
+    from reflora_ds.dist import start_deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    leave_gloo_group_at_exit()
-    release_shm_workspace()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_deepspeed(backend="gloo")
     results = []
     for case in json.loads(open(args.cases).read()):
         try:

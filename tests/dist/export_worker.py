@@ -62,13 +62,9 @@ def main() -> None:
     from reflora_ds.evaluate import evaluate, inference_mode, results_json
     from reflora_ds.export import export_adapter
     from reflora_ds.models import load_tokenizer, wrap_with_lora
-    from reflora_ds.dist import leave_gloo_group_at_exit
-    from reflora_ds.zero import release_shm_workspace
+    from reflora_ds.dist import start_deepspeed
 
-    deepspeed.init_distributed()
-    leave_gloo_group_at_exit()
-    release_shm_workspace()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = start_deepspeed()
     out = Path(args.out)
     cfg = RunConfig(base_model=args.base, lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
