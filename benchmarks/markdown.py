@@ -34,9 +34,12 @@ def tables_of(suite: str, record: dict) -> list[tuple[str, list[str], list[list]
 def section(record: dict, results_dir: str = "bench_results") -> str:
     m = record["machine"]
     load = f"load {m.get('load_average_1min')} → {m.get('load_average_1min_end')}"
+    # A suite that aggregates runs trained earlier (the convergence study) says how to train those instead.
+    reproduce = record.get("reproduce") or (
+        f"`python -m benchmarks {record['suite']}{' --quick' if record['quick'] else ''}` "
+        f"({record['seconds'] / 60:.1f} min here)")
     lines = [
-        f"Reproduce: `python -m benchmarks {record['suite']}{' --quick' if record['quick'] else ''}` "
-        f"({record['seconds'] / 60:.1f} min here). Results: `{results_dir}/{record['suite']}.json`.",
+        f"Reproduce: {reproduce}. Results: `{results_dir}/{record['suite']}.json`.",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s), "
         f"device {m['device']}, {load}; torch {m['versions']['torch']}, transformers "

@@ -300,6 +300,10 @@ def report(out: Path, quick: bool, planned: list, suite: str = "convergence", ru
         "optimizer": "AdamW", "schedule": "linear warm-up, linear decay to 0", "runs_dir": f"{runs_dir}/"}
     record = payload(suite, quick, config, results, claim_targets(results), started, machine())
     record["figures"] = [f"{suite}.png", f"{suite}_diagnostics.png"]
+    if suite == "convergence" and not quick:
+        record["reproduce"] = ("`python -m benchmarks convergence --stage 1`, then `--stage 2` and `--stage 2b` "
+                               f"(resumable; the {results['runs']} runs so far took {results['cpu_hours']} "
+                               "CPU-hours here)")
     write_json(out, suite, record)
     if results["tasks"]:
         plot_curves(results, out, suite)
