@@ -364,6 +364,38 @@ def _order(names) -> list[str]:
     return sorted(names, key=lambda v: (rank.index(v.split("@")[0]) if v.split("@")[0] in rank else 99, v))
 
 
+def label(v: str) -> str:
+    """A variant's name for a legend: "RefLoRA (warm-up 1 %)" for ``reflora@rw0.01``."""
+    method, *changes = v.split("@")
+    words = [f"warm-up {float(c[2:]) * 100:g} %" if c.startswith("rw") else f"every {c[2:]} steps"
+             for c in changes]
+    return LABELS.get(method, method) + (f" ({', '.join(words)})" if words else "")
+
+
+def plot_styles(results: dict) -> dict[str, dict]:
+    """Colour and line per variant, the same in every panel of a figure.
+
+    The colour follows the method (LoRA is always C0), so a method keeps its colour however many other
+    variants a task has; RefLoRA's warm-up and interval variants share RefLoRA's colour, each with its own dashes.
+    """
+    rank = list(LABELS)
+    dashes = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
+    names = _order({v for s in results["tasks"].values() for v in (*s["variants"], *s["grid"])})
+    styles, changed = {}, Counter()
+    for v in names:
+        method = v.split("@")[0]
+        line = "-"
+        if v != method:
+            line = dashes[changed[method] % len(dashes)]
+            changed[method] += 1
+        styles[v] = {"color": f"C{rank.index(method)}" if method in rank else "0.4", "linestyle": line}
+    return styles
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def show(record: dict) -> None:
     res = record["results"]
     print_table("runs in", ["planned (stage 1)", "done of them", "runs in all", "CPU hours"],
@@ -414,28 +446,29 @@ def show(record: dict) -> None:
 def plot_curves(results: dict, out: Path, name: str) -> None:
     plt = pyplot()
     tasks = list(results["tasks"])
+    styles = plot_styles(results)
     fig, axes = plt.subplots(3, len(tasks), figsize=(6 * len(tasks), 12), squeeze=False)
     for col, task in enumerate(tasks):
         s = results["tasks"][task]
         ax = axes[0][col]
-        for i, v in enumerate(_order(s["variants"])):
+        for v in _order(s["variants"]):
             e = s["variants"][v]
-            _band(ax, e["curve"], i, f"{LABELS.get(v, v)} lr {e['lr']:g} ({len(e['seeds'])} seeds)")
+            _band(ax, e["curve"], styles[v], f"{label(v)} lr {e['lr']:g} ({_seeds(len(e['seeds']))})")
         _dress(ax, f"{task}: eval loss at each one's best lr (mean, band = seed min–max)", "eval loss")
         # The differences are small against the fall of the loss: show them paired by seed, on their own scale.
         ax = axes[1][col]
-        ax.axhline(0.0, color="C0", lw=1.0, label="LoRA")
-        for i, v in enumerate(_order(s["variants"])):
+        ax.axhline(0.0, color=styles.get("lora", {}).get("color", "C0"), lw=1.0, label="LoRA")
+        for v in _order(s["variants"]):
             d = s["variants"][v].get("vs_lora", {}).get("diff_curve")
             if d:
-                _band(ax, d, i, f"{LABELS.get(v, v)} ({d['n']} seeds)")
+                _band(ax, d, styles[v], f"{label(v)} ({_seeds(d['n'])})")
         _dress(ax, f"{task}: eval loss − LoRA's, same seed, best lr each (mean, band = min–max)",
                "difference (below 0: ahead of LoRA)")
         ax = axes[2][col]
-        for i, v in enumerate(_order(s["grid"])):
+        for v in _order(s["grid"]):
             pts = sorted((float(lr), c["mean"]) for lr, c in s["grid"][v].items() if math.isfinite(c["mean"]))
             if pts:
-                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=LABELS.get(v, v))
+                ax.plot(*zip(*pts), marker="o", **styles[v], label=label(v))
         ax.set_xscale("log")
         ax.set_title(f"{task}: final eval loss against the learning rate (seed mean)", fontsize=9)
         ax.set_xlabel("peak learning rate")
@@ -444,11 +477,11 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
     save_figure(fig, out, name)
 
 
-def _band(ax, curve: dict, color: int, label: str) -> None:
+def _band(ax, curve: dict, style: dict, name: str) -> None:
     """A mean curve with its min–max band (nothing when the curve is empty)."""
     if curve["steps"]:
-        ax.plot(curve["steps"], curve["mean"], "-", color=f"C{color}", lw=1.5, label=label)
-        ax.fill_between(curve["steps"], curve["min"], curve["max"], color=f"C{color}", alpha=0.2)
+        ax.plot(curve["steps"], curve["mean"], lw=1.5, label=name, **style)
+        ax.fill_between(curve["steps"], curve["min"], curve["max"], color=style["color"], alpha=0.2)
 
 
 def _dress(ax, title: str, ylabel: str) -> None:
@@ -466,15 +499,16 @@ def plot_diagnostics(results: dict, out: Path, name: str) -> None:
     fig, axes = plt.subplots(len(tasks), len(keys), figsize=(4.2 * len(keys), 3.4 * len(tasks)), squeeze=False)
     titles = {"imbalance": "‖AAᵀ−BᵀB‖_F / ‖BA‖_F", "cond_S": "cond(S)", "grad_ratio_A": "‖S⁻¹∇A‖ / ‖∇A‖",
               "grad_ratio_B": "‖∇B·S‖ / ‖∇B‖", "adam_step_B": "Adam's step on B, est. (1 = as unscaled)"}
+    styles = plot_styles(results)
     for row, task in enumerate(tasks):
         s = results["tasks"][task]
         for col, key in enumerate(keys):
             ax = axes[row][col]
-            for i, v in enumerate(_order(s["variants"])):
+            for v in _order(s["variants"]):
                 d = s["variants"][v]["diagnostics"]
                 pts = [(st, y) for st, y in zip(d.get("steps", []), d.get(key, [])) if y is not None and y > 0]
                 if pts:
-                    ax.plot(*zip(*pts), "-", color=f"C{i}", lw=1.2, label=LABELS.get(v, v))
+                    ax.plot(*zip(*pts), lw=1.2, label=label(v), **styles[v])
             ax.set_yscale("log")
             ax.set_title(f"{task}: {titles[key]}" + ("" if key.startswith("adam") else " (layer median)"), fontsize=8)
             ax.set_xlabel("step", fontsize=8)

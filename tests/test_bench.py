@@ -312,3 +312,24 @@ def test_study_statistics_against_hand_computed_values(monkeypatch):
     assert study.summarise_task(lora + worse_lr + best_low)["variants"]["lora"]["lr_edge"] == "lowest"
     best_high = [synthetic_run("lora", 1e-2, s, [(0, 4.0), (100, 2.0)]) for s in range(3)]
     assert study.summarise_task(lora + low + best_high)["variants"]["lora"]["lr_edge"] == "highest"
+
+
+def test_a_variant_keeps_its_plot_colour_in_every_panel(monkeypatch):
+    """Colours follow the method, not a task's list of variants; RefLoRA's schedule variants get its colour, dashed."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import study
+
+    results = {"tasks": {
+        "lm": {"variants": dict.fromkeys(["lora", "loraplus", "reflora", "reflora@rw0.01"]), "grid": {}},
+        "commonsense": {"variants": dict.fromkeys(["lora", "reflora", "reflora@ri4"]), "grid": {}},
+    }}
+    styles = study.plot_styles(results)
+    assert styles["lora"] == {"color": "C0", "linestyle": "-"}
+    rank = list(study.LABELS)
+    assert styles["reflora"]["color"] == f"C{rank.index('reflora')}" != styles["loraplus"]["color"]
+    changed = [styles["reflora@ri4"], styles["reflora@rw0.01"]]
+    assert all(s["color"] == styles["reflora"]["color"] and s["linestyle"] != "-" for s in changed)
+    assert changed[0]["linestyle"] != changed[1]["linestyle"]
+    assert study.label("reflora@rw0.01") == "RefLoRA (warm-up 1 %)"
+    assert study.label("reflora@rw0.1@ri4") == "RefLoRA (warm-up 10 %, every 4 steps)"
+    assert study.label("refactor_adam") == "refactor + moments"
