@@ -457,7 +457,7 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
         _dress(ax, f"{task}: eval loss at each one's best lr (mean, band = seed min–max)", "eval loss")
         # The differences are small against the fall of the loss: show them paired by seed, on their own scale.
         ax = axes[1][col]
-        ax.axhline(0.0, color=styles.get("lora", {}).get("color", "C0"), lw=1.0, label="LoRA")
+        ax.axhline(0.0, color="C0", lw=1.0, label="LoRA")  # LoRA's colour in plot_styles
         for v in _order(s["variants"]):
             d = s["variants"][v].get("vs_lora", {}).get("diff_curve")
             if d:
