@@ -258,13 +258,16 @@ def test_scores(model, tokenizer, task: Task, collate, recipe: Recipe) -> dict:
 
 
 def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partial: Path | None = None,
-              stop_after: int | None = None) -> dict | None:
+              stop_after: int | None = None, after_step=None) -> dict | None:
     """Train one run; with ``partial``, the run's state is kept there at every evaluation and picked up again.
 
     A run resumed from ``partial`` continues bit for bit where it stopped (the
     LoRA weights, optimizer and schedule state, the stepper's counters and the
-    dropout generator are restored).  ``stop_after`` (tests): return None after
-    that step's evaluation, as a killed worker would.
+    dropout generator are restored).  ``stop_after`` (tests, probes): return
+    None after the first evaluation at or past that step, as a killed worker
+    would.  ``after_step(step, stepper, lr)``, if given, sees every optimizer
+    step (``lr``: the base learning rate that step used); it must not change
+    the model.
     """
     torch.manual_seed(spec.seed)
     _, dora = METHOD_SETUP[spec.method]
@@ -305,6 +308,8 @@ def train_run(spec: RunSpec, base, tokenizer, task: Task, recipe: Recipe, partia
         loss.backward()
         probe, stepper.grad_probe = stepper.grad_probe, None
         opt.step()
+        if after_step is not None:
+            after_step(step, stepper, spec.lr * schedule.get_last_lr()[0] / schedule.base_lrs[0])
         schedule.step()
         opt.zero_grad(set_to_none=True)
         train_loss.append(loss.item())

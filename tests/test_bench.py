@@ -173,6 +173,43 @@ def test_unknown_suite_is_refused(tmp_path):
 
 
 
+def test_step_probe_sees_adams_first_step_and_leaves_the_run_alone(monkeypatch):
+    """The probe replays a study run unchanged, and its norms obey Adam's first step on LoRA's B = 0 start.
+
+    At step 1 A's gradient is 0 (it is a product with B = 0) and Adam's bias-corrected first step is
+    lr·sign(g), so A keeps its norm and every entry of B moves by exactly the lr: ‖B‖_F = lr·√(d_out·r).
+    """
+    monkeypatch.syspath_prepend(str(ROOT))
+    from statistics import median
+
+    from benchmarks import convergence as study_runs
+    from benchmarks.common import base_model
+    from benchmarks.step_probe import StepRecorder
+
+    recipe = study_runs.QUICK_RECIPE
+    base, tokenizer = base_model(True)
+    task = study_runs.lm_task(tokenizer, recipe, quick=True)
+    spec = study_runs.RunSpec("lm", "lora", 1e-2, seed=0, steps=6, refactor_warmup=0.34)
+    plain = study_runs.train_run(spec, base, tokenizer, task, recipe)
+
+    recorder, start = StepRecorder(), {}
+
+    def after_step(step, stepper, lr):
+        if not start:
+            start["entries_B"] = [pair.B.numel() for pair in stepper.pairs]
+        recorder(step, stepper, lr)
+
+    probed = study_runs.train_run(spec, base, tokenizer, task, recipe, after_step=after_step)
+    for key in ("eval_curve", "train_loss", "diagnostics", "test"):
+        assert probed[key] == plain[key], key
+
+    first, rows = recorder.rows[0], recorder.rows
+    assert [row["step"] for row in rows] == list(range(1, 7)) and first["lr"] > 0
+    assert first["norm_B"] == pytest.approx(first["lr"] * median(math.sqrt(n) for n in start["entries_B"]), rel=1e-3)
+    # ‖BA‖ after step 1 is ‖Δ(BA)‖ of step 1; from step 2 on the probe reports the step's own Δ(BA).
+    assert "step_BA_per_lr" not in first and all(row["step_BA_per_lr"] > 0 for row in rows[1:])
+
+
 def test_convergence_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     """A study run stopped after an evaluation and resumed from its saved state ends exactly as an unbroken one."""
     monkeypatch.syspath_prepend(str(ROOT))
