@@ -13,7 +13,8 @@ the factor's size, so its step on the update, ``Δ(BA) ≈ ΔB·A + B·ΔA``, gr
 with the factors' norms. A refactor changes those norms (it balances the pair
 to ``AAᵀ = BᵀB``) and leaves BA itself unchanged, so ``Δ(BA)`` is the
 optimizer's step alone and its size per unit of learning rate shows what a
-method's factor norms do to Adam's step. Writes ``<out>/step_probe.json``.
+method's factor norms do to Adam's step. Writes
+``<out>/step_probe/<task>-lr<lr>-s<seed>.json``.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     record = probe(args.task, args.methods.split(","), args.lr, args.seed, args.until, args.quick)
     show(record)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(args.out / "step_probe.json", record, indent=1)
-    print(f"wrote {args.out / 'step_probe.json'}")
+    target = args.out / "step_probe" / f"{args.task}-lr{args.lr:g}-s{args.seed}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(target, record, indent=1)
+    print(f"wrote {target}")
     return 0
 
 
