@@ -172,23 +172,29 @@ def test_unknown_suite_is_refused(tmp_path):
     assert proc.returncode == 2 and "overhead" in proc.stderr
 
 
-
-def test_step_probe_sees_adams_first_step_and_leaves_the_run_alone(monkeypatch):
-    """The probe replays a study run unchanged, and its norms obey Adam's first step on LoRA's B = 0 start.
-
-    At step 1 A's gradient is 0 (it is a product with B = 0) and Adam's bias-corrected first step is
-    lr·sign(g), so A keeps its norm and every entry of B moves by exactly the lr: ‖B‖_F = lr·√(d_out·r).
-    """
+@pytest.fixture
+def quick_lm_study(monkeypatch):
+    """The study's run loop with the quick recipe on the tiny LLaMA's lm task: (module, recipe, base, tokenizer, task)."""
     monkeypatch.syspath_prepend(str(ROOT))
-    from statistics import median
-
     from benchmarks import convergence as study_runs
     from benchmarks.common import base_model
-    from benchmarks.step_probe import StepRecorder
 
     recipe = study_runs.QUICK_RECIPE
     base, tokenizer = base_model(True)
-    task = study_runs.lm_task(tokenizer, recipe, quick=True)
+    return study_runs, recipe, base, tokenizer, study_runs.lm_task(tokenizer, recipe, quick=True)
+
+
+def test_step_probe_sees_adams_first_step_and_leaves_the_run_alone(quick_lm_study):
+    """The probe replays a study run unchanged, and its norms obey Adam's first step on LoRA's B = 0 start.
+
+    Adam's bias-corrected first step is lr·sign(g), so every entry of B (PEFT starts it at 0) moves by
+    exactly the lr: ‖B‖_F = lr·√(d_out·r) after step 1.
+    """
+    from statistics import median
+
+    from benchmarks.step_probe import StepRecorder
+
+    study_runs, recipe, base, tokenizer, task = quick_lm_study
     spec = study_runs.RunSpec("lm", "lora", 1e-2, seed=0, steps=6, refactor_warmup=0.34)
     plain = study_runs.train_run(spec, base, tokenizer, task, recipe)
 
@@ -210,15 +216,9 @@ def test_step_probe_sees_adams_first_step_and_leaves_the_run_alone(monkeypatch):
     assert "step_BA_per_lr" not in first and all(row["step_BA_per_lr"] > 0 for row in rows[1:])
 
 
-def test_convergence_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+def test_convergence_run_resumes_bit_for_bit(tmp_path, quick_lm_study):
     """A study run stopped after an evaluation and resumed from its saved state ends exactly as an unbroken one."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    from benchmarks import convergence as study_runs
-    from benchmarks.common import base_model
-
-    recipe = study_runs.QUICK_RECIPE
-    base, tokenizer = base_model(True)
-    task = study_runs.lm_task(tokenizer, recipe, quick=True)
+    study_runs, recipe, base, tokenizer, task = quick_lm_study
     spec = study_runs.RunSpec("lm", "reflora", 1e-2, seed=0, steps=8, refactor_warmup=0.25)
     whole = study_runs.train_run(spec, base, tokenizer, task, recipe)
 
