@@ -53,16 +53,16 @@ class StepRecorder:
         self.rows.append(row)
 
 
-def probe(task: str, methods: list[str], lr: float, seed: int, until: int, quick: bool = False,
-          refactor_warmup: float | None = None, steps: int | None = None) -> dict:
+def probe(task: str, methods: list[str], lr: float, seed: int, until: int, quick: bool = False) -> dict:
     """Each method's first ``until`` steps (at least; the run stops at the next evaluation) of one study run."""
     recipe = QUICK_RECIPE if quick else RECIPE
     base, tokenizer = base_model(quick, recipe.base_dtype)
     data = TASKS[task](tokenizer, recipe, quick)
     series = {}
     for method in methods:
-        spec = RunSpec(task, method, lr, seed, steps or (6 if quick else 300),
-                       refactor_warmup if refactor_warmup is not None else (0.34 if quick else 0.05))
+        # The study's run of this method: stage 1's horizon and refactor warm-up (the quick suite's in quick mode).
+        horizon = dict(steps=6, refactor_warmup=0.34) if quick else {}
+        spec = RunSpec(task, method, lr, seed, **horizon)
         recorder = StepRecorder()
         train_run(spec, base, tokenizer, data, recipe, stop_after=until, after_step=recorder)
         series[method] = {"spec": asdict(spec), "rows": recorder.rows}
