@@ -443,6 +443,9 @@ def show(record: dict) -> None:
     print_targets(record["targets"])
 
 
+DIFF_LINEAR_WITHIN = 0.02  # the difference panels' linear range (eval loss)
+
+
 def plot_curves(results: dict, out: Path, name: str) -> None:
     plt = pyplot()
     tasks = list(results["tasks"])
@@ -462,8 +465,11 @@ def plot_curves(results: dict, out: Path, name: str) -> None:
             d = s["variants"][v].get("vs_lora", {}).get("diff_curve")
             if d:
                 _band(ax, d, styles[v], f"{label(v)} ({_seeds(d['n'])})")
-        _dress(ax, f"{task}: eval loss − LoRA's, same seed, best lr each (mean, band = min–max)",
-               "difference (below 0: ahead of LoRA)")
+        _dress(ax, f"{task}: eval loss − LoRA's, same seed, best lr each (log beyond ±{DIFF_LINEAR_WITHIN:g})",
+               "mean, band min–max (below 0: ahead of LoRA)")
+        # Early spikes (a diverging LoRA+, RefLoRA's first steps) would flatten the end-of-run gaps that
+        # the verdict is about; a symmetric log beyond ±DIFF_LINEAR_WITHIN keeps both readable.
+        ax.set_yscale("symlog", linthresh=DIFF_LINEAR_WITHIN, linscale=2.0)
         ax = axes[2][col]
         for v in _order(s["grid"]):
             pts = sorted((float(lr), c["mean"]) for lr, c in s["grid"][v].items() if math.isfinite(c["mean"]))
