@@ -17,6 +17,8 @@ The recipe, fixed before any run (``RECIPE``; the grids in ``STAGES``):
 
 * the frozen base weights in bf16 (a step is 2.4x faster than in fp32 on a
   CPU with AVX512-BF16); the adapters, AdamW's state and the loss in fp32.
+  On a CPU with no bf16 GEMM the linear layers run as fp32 GEMMs rounded to
+  bf16 (bf16_cpu.py; the run's JSON says so).
 * r = 16, alpha = 32, dropout 0.05 on q/k/v/up/down; AdamW, weight decay 0,
   gradient clipping 1.0; batch 8; the trainer's schedule: linear learning-rate
   warm-up over 5 % of the steps, then linear decay to 0 at the last step;
@@ -44,6 +46,7 @@ as infinite); never test accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -62,6 +65,7 @@ from reflora_ds.diagnostics import factor_diagnostics, gradient_ratios, summaris
 from reflora_ds.evaluate import inference_mode, make_question, response_logprobs, score_likelihood
 from reflora_ds.schedule import lr_lambda
 
+from .bf16_cpu import Bf16LinearInFp32, needs_fp32_linears
 from .common import METHOD_SETUP, attach_method, base_model, bbc_articles, bbc_dir, machine, with_lora
 
 RUNS_DIR = "convergence"  # per-run JSONs, inside --out
@@ -394,6 +398,7 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str =
     base, tokenizer = base_model(quick, dtype)
     base = base.to(device)
     info, commit = machine(), git_commit()
+    emulated = needs_fp32_linears(dtype, device)  # torch's scalar bf16 path would make a run take a day
     tasks: dict[str, Task] = {}
     written = []
     for spec in pending:
@@ -406,8 +411,9 @@ def run_grid(specs: list[RunSpec], runs_dir: Path, quick: bool, *, device: str =
             if spec.task not in tasks:
                 tasks[spec.task] = TASKS[spec.task](tokenizer, recipe, quick)
             partial = runs_dir / PARTIAL_DIR / f"{spec.name}.pt"
-            result = train_run(spec, base, tokenizer, tasks[spec.task], recipe, partial)
-            result.update(quick=quick, dtype=dtype, machine=info, code=commit,
+            with Bf16LinearInFp32() if emulated else contextlib.nullcontext():
+                result = train_run(spec, base, tokenizer, tasks[spec.task], recipe, partial)
+            result.update(quick=quick, dtype=dtype, machine=info, code=commit, bf16_linears_in_fp32=emulated,
                           finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             atomic.write_json(target, result, indent=1)
             written.append(target)

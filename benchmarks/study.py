@@ -313,8 +313,12 @@ def report(out: Path, quick: bool, planned: list, suite: str = "convergence", ru
 
 
 def software(runs: list[dict]) -> dict[str, int]:
-    """How many runs each set of library versions trained (runs spanning upgrades stay visible as such)."""
+    """How many runs each set of library versions trained (runs spanning upgrades stay visible as such).
+
+    Runs whose bf16 linear layers ran as fp32 GEMMs (bf16_cpu.py) are counted apart.
+    """
     return dict(Counter(", ".join(f"{k} {v}" for k, v in sorted(r["machine"]["versions"].items()))
+                        + ("; bf16 linears as fp32 GEMMs" if r.get("bf16_linears_in_fp32") else "")
                         for r in runs).most_common())
 
 

@@ -77,6 +77,9 @@ def test_convergence_quick(tmp_path):
     run = json.loads(runs[0].read_text())
     assert {"task", "method", "lr", "seed", "steps", "refactor_warmup", "eval_curve", "diagnostics", "test",
             "machine"} <= set(run)
+    from benchmarks.bf16_cpu import needs_fp32_linears
+
+    assert run["dtype"] == "bfloat16" and run["bf16_linears_in_fp32"] is needs_fp32_linears("bfloat16", "cpu")
     assert run["eval_curve"][0][0] == 0 and run["eval_curve"][-1][0] == run["steps"]
     results = record["results"]
     assert results["done_of_stage1"] == results["planned_stage1"] == 12
@@ -251,6 +254,45 @@ def test_convergence_refuses_a_folder_with_runs_of_another_recipe(tmp_path, monk
     (tmp_path / "old.json").write_text(json.dumps({"recipe": asdict(replace(recipe, base_dtype="float32"))}))
     with pytest.raises(SystemExit, match=r"old\.json.*differs in: base_dtype"):
         study_runs.check_folder(tmp_path, recipe)
+
+
+def test_bf16_linear_in_fp32_is_the_exact_product_rounded_to_bf16(monkeypatch):
+    """The emulated bf16 linear (forward and input gradient) is the fp64 product rounded to bf16, up to fp32 sums.
+
+    Bound per element: half a bf16 ulp of the exact value (2^-9 relative, 2^-8 allowed) plus fp32
+    accumulation over k terms (k·2^-24 of the sum of |terms|).  fp32 tensors pass through untouched.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bf16_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    # bf16 values, held exactly in fp64: the input (64 × 96), the weight (80 × 96), the output's gradient
+    x, w, g = (torch.randn(*shape, generator=gen).bfloat16().double() for shape in ((64, 96), (80, 96), (64, 80)))
+    x_bf = x.bfloat16().requires_grad_(True)
+    with bf16_cpu.Bf16LinearInFp32():
+        out = F.linear(x_bf, w.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() == "ToCopyBackward0"  # taken by the mode
+    out.backward(g.bfloat16())
+    assert x_bf.grad.dtype == torch.bfloat16
+
+    for got, exact, terms in ((out, x @ w.T, x.abs() @ w.abs().T), (x_bf.grad, g @ w, g.abs() @ w.abs())):
+        bound = 2.0 ** -8 * exact.abs() + 96 * 2.0 ** -24 * terms  # k ≤ 96 terms per sum
+        assert ((got.double() - exact).abs() <= bound).all()
+        assert (got == exact.bfloat16()).float().mean() > 0.99  # mostly the correctly rounded value itself
+
+    plain = torch.randn(4, 96, generator=gen)
+    with bf16_cpu.Bf16LinearInFp32():
+        kept = F.linear(plain, w.float())
+    assert torch.equal(kept, F.linear(plain, w.float()))
+
+    monkeypatch.setattr(bf16_cpu, "has_bf16_gemm", lambda: False)
+    assert bf16_cpu.needs_fp32_linears("bfloat16", "cpu")
+    assert not bf16_cpu.needs_fp32_linears("float32", "cpu") and not bf16_cpu.needs_fp32_linears("bfloat16", "cuda")
+    monkeypatch.setattr(bf16_cpu, "has_bf16_gemm", lambda: True)
+    assert not bf16_cpu.needs_fp32_linears("bfloat16", "cpu")
 
 
 def torch_load_step(path: Path) -> int:
