@@ -1,6 +1,6 @@
 """bf16 linear layers on a CPU that has no bf16 GEMM kernel.
 
-The study keeps its frozen base weights in bf16.  On a CPU with AVX512-BF16
+The study keeps its frozen base weights in bf16.  On a CPU with AVX-512
 or AMX, torch runs a bf16 matmul through oneDNN; on one without (an
 AVX2-only x86, say) it falls back to a scalar loop, and a linear layer's
 backward pass becomes 30-50x slower than in fp32 (SmolLM2's tied output
