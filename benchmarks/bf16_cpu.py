@@ -29,16 +29,7 @@ def has_bf16_gemm() -> bool:
 
 
 class Bf16LinearInFp32(TorchFunctionMode):
-    """Every ``F.linear`` on bf16 CPU tensors runs as an fp32 GEMM whose output is rounded to bf16.
-
-    A frozen weight (a ``Parameter`` that needs no gradient: the base model's)
-    is upcast once and its fp32 copy reused while its version is unchanged;
-    the upcast is exact, so this saves time and changes no result.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._frozen_fp32: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (weight, version, copy)
+    """Every ``F.linear`` on bf16 CPU tensors runs as an fp32 GEMM whose output is rounded to bf16."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -47,20 +38,9 @@ class Bf16LinearInFp32(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-                out = F.linear(x.float(), self._upcast(weight), None if bias is None else bias.float())
+                out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
                 return out.to(torch.bfloat16)
         return func(*args, **kwargs)
-
-    def _upcast(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.requires_grad or not isinstance(weight, torch.nn.Parameter):
-            return weight.float()  # trained, or a transient tensor that would pile up in the cache
-        cached = self._frozen_fp32.get(id(weight))
-        if cached is None or cached[0] is not weight or cached[1] != weight._version:
-            # A copy made under inference_mode could not be saved for a later training step's backward.
-            with torch.inference_mode(False):
-                cached = (weight, weight._version, weight.float())
-            self._frozen_fp32[id(weight)] = cached
-        return cached[2]
 
 
 def needs_fp32_linears(dtype: str, device: str) -> bool:
